@@ -1,0 +1,89 @@
+"""Small building blocks shared by attention, MoE and the transformer: RMSNorm, SwiGLU, RoPE."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalize in fp32 so bf16 activations do not lose the small-variance rows
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight.float()).type_as(x)
+
+
+class SwiGLU(nn.Module):
+    """The dense FFN and the shared experts: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w_gate = nn.Linear(dim, inter_dim, bias=False)
+        self.w_up = nn.Linear(dim, inter_dim, bias=False)
+        self.w_down = nn.Linear(inter_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+def _yarn_correction_range(cfg: ModelConfig, dim: int) -> tuple[int, int]:
+    def correction_dim(num_rotations: float) -> float:
+        return dim * math.log(cfg.original_seq_len / (num_rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+    low = math.floor(correction_dim(cfg.beta_fast))
+    high = math.ceil(correction_dim(cfg.beta_slow))
+    return max(low, 0), min(high, dim - 1)
+
+
+def rope_frequencies(cfg: ModelConfig, dim: int) -> torch.Tensor:
+    """Inverse frequencies [dim/2], YaRN-interpolated when the context is stretched past training."""
+    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if cfg.rope_factor > 1.0 and cfg.max_seq_len > cfg.original_seq_len:
+        low, high = _yarn_correction_range(cfg, dim)
+        ramp = (torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)
+        smooth = 1 - ramp.clamp(0, 1)
+        freqs = freqs / cfg.rope_factor * (1 - smooth) + freqs * smooth
+    return freqs
+
+
+def yarn_softmax_scale(cfg: ModelConfig, head_dim: int) -> float:
+    """Attention scale; YaRN sharpens it by mscale^2 when the rope is stretched."""
+    scale = head_dim ** -0.5
+    if cfg.rope_factor > 1.0 and cfg.max_seq_len > cfg.original_seq_len:
+        m = 0.1 * cfg.mscale * math.log(cfg.rope_factor) + 1.0
+        scale = scale * m * m
+    return scale
+
+
+def rope_cos_sin(freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [..., dim/2] for integer positions of any shape."""
+    angles = positions.to(torch.float32).unsqueeze(-1) * freqs.to(positions.device)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate x [B, T, H, d] by cos/sin [B, T, d/2].
+
+    interleaved=True pairs (0,1), (2,3), ... as DeepSeek's reference code does; False pairs
+    (i, i + d/2) as Llama/Mixtral do. Both are kept so imported weights need no permutation.
+    """
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    x32 = x.float()
+    if interleaved:
+        a, b = x32[..., 0::2], x32[..., 1::2]
+        out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    else:
+        a, b = x32.chunk(2, dim=-1)
+        out = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+    return out.type_as(x)

@@ -1,0 +1,179 @@
+"""The MoE layer: gate, dropless grouped routed experts, shared experts, load balancing.
+
+The layer is split into pure steps so the expert-parallel runtime can put a network between
+them: `route` (gate scores -> top-k experts and weights), `permute` (sort token copies by
+expert, returning a frozen `Dispatch`), `RoutedExperts` (grouped matmuls over sorted rows) and
+`unpermute` (weighted scatter-add back to tokens). Permutation is a sort + gather, never a
+dense [tokens, experts] one-hot.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import MoEConfig
+from model.grouped import grouped_mm
+from model.layers import SwiGLU
+
+
+@dataclass(frozen=True)
+class Routing:
+    weights: torch.Tensor  # [N, K] combine weights (unbiased scores)
+    experts: torch.Tensor  # [N, K] chosen expert ids
+    scores: torch.Tensor  # [N, E] unbiased scores, for the auxiliary loss
+
+
+def route(logits_NE: torch.Tensor, bias_E: torch.Tensor | None, cfg: MoEConfig) -> Routing:
+    """Top-k expert choice. The balancing bias steers selection only, never the combine weights."""
+    scores = logits_NE.float().softmax(-1) if cfg.score_func == "softmax" else logits_NE.float().sigmoid()
+    select = scores if bias_E is None else scores + bias_E.float()
+    if cfg.n_group > 1:
+        N = select.shape[0]
+        grouped = select.view(N, cfg.n_group, -1)
+        group_scores = grouped.amax(-1) if cfg.group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
+        keep_groups = group_scores.topk(cfg.topk_group, dim=-1).indices
+        group_mask = torch.ones(N, cfg.n_group, dtype=torch.bool, device=select.device)
+        group_mask.scatter_(1, keep_groups, False)
+        select = grouped.masked_fill(group_mask[:, :, None], float("-inf")).view(N, -1)
+    experts = select.topk(cfg.top_k, dim=-1).indices
+    weights = scores.gather(1, experts)
+    if cfg.norm_topk_prob and cfg.top_k > 1:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return Routing(weights=weights * cfg.routed_scaling_factor, experts=experts, scores=scores)
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """How token copies were ordered for the experts; `unpermute` takes it back."""
+
+    token_index: torch.Tensor  # [M] source token of each sorted row
+    weights: torch.Tensor  # [M] combine weight of each sorted row
+    counts: torch.Tensor  # [E] rows per expert after any capacity drop
+    dropped: int  # (token, expert) pairs dropped by the capacity limit
+
+
+def expert_capacity(n_tokens: int, cfg: MoEConfig) -> int | None:
+    if cfg.capacity_factor <= 0:
+        return None
+    return math.ceil(cfg.capacity_factor * n_tokens * cfg.top_k / cfg.n_routed_experts)
+
+
+def permute(routing: Routing, n_experts: int, capacity: int | None = None) -> Dispatch:
+    """Sort (token, expert) pairs by expert, keeping token order within each expert.
+
+    With a capacity, each expert keeps its first `capacity` tokens in token order and the rest
+    are dropped (they pass through the residual only), as in GShard/Switch.
+    """
+    K = routing.experts.shape[1]
+    flat_experts = routing.experts.reshape(-1)
+    order = torch.argsort(flat_experts, stable=True)
+    counts = torch.bincount(flat_experts, minlength=n_experts)
+    token_index = order // K
+    weights = routing.weights.reshape(-1)[order]
+    dropped = 0
+    if capacity is not None:
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(order.numel(), device=order.device) - starts[flat_experts[order]]
+        keep = rank < capacity
+        dropped = int((~keep).sum())
+        token_index, weights = token_index[keep], weights[keep]
+        counts = counts.clamp(max=capacity)
+    return Dispatch(token_index=token_index, weights=weights, counts=counts, dropped=dropped)
+
+
+def unpermute(y_MD: torch.Tensor, dispatch: Dispatch, n_tokens: int) -> torch.Tensor:
+    """Weighted sum of each token's expert outputs: [n_tokens, D]."""
+    out = y_MD.new_zeros(n_tokens, y_MD.shape[-1])
+    weighted = y_MD * dispatch.weights[:, None].to(y_MD.dtype)
+    return out.index_add_(0, dispatch.token_index, weighted)
+
+
+class RoutedExperts(nn.Module):
+    """A stack of SwiGLU experts as [n_experts, ...] tensors: the unit a shard owns and a checkpoint slices."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.w_gate = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.w_up = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.w_down = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+
+    @property
+    def n_experts(self) -> int:
+        return self.w_gate.shape[0]
+
+    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+        """Rows of x sorted by expert, counts_E rows per expert of this stack."""
+        h = F.silu(grouped_mm(x_MD, self.w_gate, counts_E, impl)) * grouped_mm(x_MD, self.w_up, counts_E, impl)
+        return grouped_mm(h, self.w_down, counts_E, impl)
+
+
+def sequence_balance_loss(routing: Routing, batch: int, cfg: MoEConfig) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise auxiliary loss: alpha * sum_i f_i * P_i per sequence, averaged."""
+    E, K = cfg.n_routed_experts, cfg.top_k
+    scores = routing.scores.view(batch, -1, E)
+    T = scores.shape[1]
+    probs = scores / (scores.sum(-1, keepdim=True) + 1e-20)
+    hits = torch.zeros(batch, E, device=scores.device).scatter_add_(
+        1, routing.experts.view(batch, T * K), torch.ones(batch, T * K, device=scores.device))
+    f = hits * E / (K * T)
+    return cfg.aux_loss_alpha * (f * probs.mean(1)).sum(-1).mean()
+
+
+class MoE(nn.Module):
+    """Routed experts (top-k of n, dropless by default) plus always-on shared experts."""
+
+    def __init__(self, dim: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = nn.Linear(dim, cfg.n_routed_experts, bias=False)
+        # selection bias of auxiliary-loss-free balancing: state, not a trained parameter
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_routed_experts))
+        self.experts = RoutedExperts(cfg.n_routed_experts, dim, cfg.moe_inter_dim)
+        self.shared = SwiGLU(dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
+        # tokens per expert in the last forward, and accumulated since the last bias update
+        self.register_buffer("last_load", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
+        self.register_buffer("pending_load", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
+
+    def gate_route(self, x_ND: torch.Tensor) -> Routing:
+        """Route tokens and record the per-expert load of this forward."""
+        bias = self.expert_bias if self.cfg.bias_balancing else None
+        routing = route(self.gate(x_ND), bias, self.cfg)
+        load = torch.bincount(routing.experts.reshape(-1), minlength=self.cfg.n_routed_experts)
+        self.last_load.copy_(load)
+        if self.training:
+            self.pending_load += load
+        return routing
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B, T, D]; valid [B, T] marks real tokens (padding skips the experts). Returns (out, aux_loss)."""
+        B, T, D = x.shape
+        x_ND = x.reshape(-1, D) if valid is None else x[valid]
+        routing = self.gate_route(x_ND)
+        dispatch = permute(routing, self.cfg.n_routed_experts, expert_capacity(x_ND.shape[0], self.cfg))
+        y = self.experts(x_ND[dispatch.token_index], dispatch.counts)
+        out_ND = unpermute(y, dispatch, x_ND.shape[0])
+        if self.shared is not None:
+            out_ND = out_ND + self.shared(x_ND)
+        aux = None
+        if self.training and self.cfg.aux_loss_alpha > 0 and valid is None:
+            aux = sequence_balance_loss(routing, B, self.cfg)
+        if valid is None:
+            return out_ND.view(B, T, D), aux
+        return x.new_zeros(B, T, D).index_put((valid.nonzero(as_tuple=True)), out_ND), aux
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor | None = None) -> None:
+        """bias += gamma * sign(mean_load - load): starve overloaded experts, feed idle ones.
+
+        Called after each optimizer step with the load since the last update (all-reduced
+        across ranks by distributed training so every rank applies the same change).
+        """
+        load = (self.pending_load if load_E is None else load_E).float()
+        if self.cfg.bias_balancing and load.sum() > 0:
+            self.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
+        self.pending_load.zero_()
