@@ -1,0 +1,98 @@
+"""The `moray` command line.
+
+Bad input (config, data, checkpoint) ends with exit code 2 and one line saying what and where;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from model.config import ConfigError
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean bad input rather than a bug (imported late: `moray --help` stays fast)."""
+    from model.checkpoint import CheckpointError
+    from model.tokenizer import TokenizerError
+    from train.data import DataError
+
+    return (ConfigError, CheckpointError, DataError, TokenizerError)
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from train.data import prepare_corpus
+
+    inputs = [Path(p) for p in args.input] if args.input else None
+    manifest = prepare_corpus(inputs, Path(args.out), vocab_size=args.vocab_size, progress=not args.quiet)
+    print(f"prepared {args.out}: {manifest.summary()}")
+    return 0
+
+
+def _print_info_table(info) -> None:
+    from model.info import human
+
+    print(f"model {info.name}")
+    print(f"  total parameters        {human(info.total_params):>10}  ({info.total_params:,})")
+    print(f"  activated per token     {human(info.activated_params):>10}  ({info.activated_params:,})")
+    if info.mtp_params:
+        print(f"  MTP modules (extra)     {human(info.mtp_params):>10}  ({info.mtp_params:,})")
+    print(f"  embedding + head        {human(info.embedding_params):>10}")
+    print(f"  KV cache per token      {info.kv_cache_bytes_per_token:>10,} bytes (bf16)")
+    print(f"  {'layer':>5} {'kind':>5} {'attention':>10} {'ffn':>10} {'activated':>10}")
+    for layer in info.layers:
+        print(f"  {layer.index:>5} {layer.kind:>5} {human(layer.attention):>10} {human(layer.ffn):>10} "
+              f"{human(layer.activated):>10}")
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from cluster.config import load_config
+    from model.info import model_info
+
+    cfg = load_config(args.config, args.overrides)
+    info = model_info(cfg.model)
+    if args.json:
+        print(json.dumps(info.to_dict(), indent=2))
+    else:
+        _print_info_table(info)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cluster.config import preset_names
+
+    parser = argparse.ArgumentParser(prog="moray", description="Train and serve Mixture-of-Experts models on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = commands.add_parser("data", help="prepare training data").add_subparsers(dest="data_command", required=True)
+    prep = data.add_parser("prepare", help="train a BPE tokenizer and write Parquet token shards")
+    prep.add_argument("--input", action="append", metavar="PATH",
+                      help="text file or directory (repeatable); default: this Python's standard-library sources")
+    prep.add_argument("--out", default="data/corpus", help="output directory (default: data/corpus)")
+    prep.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size (default: 2048)")
+    prep.add_argument("--quiet", action="store_true", help="no progress bars")
+    prep.set_defaults(func=cmd_data_prepare)
+
+    model = commands.add_parser("model", help="inspect models").add_subparsers(dest="model_command", required=True)
+    info = model.add_parser("info", help="parameters, activated parameters, KV-cache size per token")
+    info.add_argument("config", metavar="CONFIG_OR_PRESET", help=f"YAML file or preset ({', '.join(preset_names())})")
+    info.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. model.moe.top_k=4")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=cmd_model_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        print(f"moray: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Shared fixtures: fresh random seeds (reported on failure) and small model builders."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from cluster.config import load_config
+from model.config import ModelConfig
+from model.transformer import Transformer
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip, visibly, where there is no CUDA device; they are never faked."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A fresh seed per test, printed so a failure can be replayed."""
+    value = random.SystemRandom().randrange(2**31)
+    torch.manual_seed(value)
+    print(f"{request.node.name}: seed {value}")
+    return value
+
+
+def tiny_config(preset: str = "tiny", *overrides: str) -> ModelConfig:
+    return load_config(preset, list(overrides)).model
+
+
+def build_model(cfg: ModelConfig, seed: int) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(cfg).eval()
+    # non-zero balancing biases so tests exercise selection-only bias
+    for moe in model.all_moe():
+        moe.expert_bias.normal_(0, 0.05)
+    return model

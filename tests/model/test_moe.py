@@ -1,0 +1,149 @@
+"""The MoE layer: grouped experts equal a per-expert loop, routing rules, capacity dropping, balancing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.config import MoEConfig
+from model.moe import MoE, Routing, permute, route, sequence_balance_loss
+
+
+def make_moe(seed: int, dim: int = 32, **overrides) -> MoE:
+    cfg = MoEConfig(**{"n_routed_experts": 8, "top_k": 2, "moe_inter_dim": 24, "n_shared_experts": 1, **overrides})
+    torch.manual_seed(seed)
+    moe = MoE(dim, cfg)
+    for p in moe.parameters():
+        p.data.normal_(0, 0.2)
+    moe.expert_bias.normal_(0, 0.1)
+    return moe
+
+
+def loop_reference(moe: MoE, x_ND: torch.Tensor, keep=None) -> torch.Tensor:
+    """One token, one expert at a time: the definition the grouped path must equal."""
+    routing = route(moe.gate(x_ND), moe.expert_bias if moe.cfg.bias_balancing else None, moe.cfg)
+    ex = moe.experts
+    out = torch.zeros_like(x_ND)
+    for n in range(x_ND.shape[0]):
+        for k in range(moe.cfg.top_k):
+            e = int(routing.experts[n, k])
+            if keep is not None and not keep[n, k]:
+                continue
+            h = F.silu(x_ND[n] @ ex.w_gate[e]) * (x_ND[n] @ ex.w_up[e])
+            out[n] += routing.weights[n, k] * (h @ ex.w_down[e])
+    if moe.shared is not None:
+        out += moe.shared(x_ND)
+    return out
+
+
+@pytest.mark.parametrize("impl", ["native", "loop"])
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"score_func": "sigmoid", "n_group": 4, "topk_group": 2, "group_score": "top2_sum", "routed_scaling_factor": 2.5},
+    {"n_shared_experts": 0, "norm_topk_prob": False, "bias_balancing": False, "top_k": 3},
+], ids=["softmax", "sigmoid-grouped", "no-shared"])
+def test_grouped_experts_equal_per_expert_loop(impl, overrides, seed):
+    moe = make_moe(seed, **overrides)
+    x = torch.randn(2, 13, 32, requires_grad=True)
+    routing = route(moe.gate(x.view(-1, 32)), moe.expert_bias if moe.cfg.bias_balancing else None, moe.cfg)
+    dispatch = permute(routing, 8)
+    flat = x.view(-1, 32)
+    y = moe.experts(flat[dispatch.token_index], dispatch.counts, impl=impl)
+    out = torch.zeros_like(flat).index_add(0, dispatch.token_index, y * dispatch.weights[:, None])
+    if moe.shared is not None:
+        out = out + moe.shared(flat)
+    ref = loop_reference(moe, flat)
+    assert (out - ref).abs().max() <= 1e-5
+    # the full layer agrees too, and so do the gradients of input and expert weights
+    layer_out, _ = moe(x)
+    assert (layer_out.view(-1, 32) - ref).abs().max() <= 1e-5
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad((out * g).sum(), [x, moe.experts.w_down, moe.experts.w_gate])
+    ref_grads = torch.autograd.grad((ref * g).sum(), [x, moe.experts.w_down, moe.experts.w_gate])
+    for a, b in zip(grads, ref_grads):
+        assert (a - b).abs().max() <= 1e-5
+
+
+def test_experts_without_tokens(seed):
+    """Experts that receive nothing (here 0, 3, 7) are skipped cleanly and get zero gradient."""
+    moe = make_moe(seed, bias_balancing=False)
+    with torch.no_grad():
+        moe.gate.weight[[0, 3, 7]] = 0.0
+        moe.gate.weight[[0, 3, 7], 0] = -100.0
+    x = torch.randn(20, 32)
+    x[:, 0] = x[:, 0].abs() + 1.0  # makes those experts' scores tiny for every token
+    out, _ = moe(x[None])
+    assert moe.last_load[[0, 3, 7]].sum() == 0
+    assert (out[0] - loop_reference(moe, x)).abs().max() <= 1e-5
+    out.sum().backward()
+    assert moe.experts.w_up.grad[[0, 3, 7]].abs().max() == 0
+    assert moe.experts.w_up.grad.abs().sum() > 0
+
+
+def test_capacity_drops_exactly_the_overflow():
+    """Each expert keeps its first `capacity` tokens in token order; the rest are dropped."""
+    experts = torch.tensor([[0, 1], [0, 2], [1, 0], [0, 3], [2, 1], [0, 1]])
+    weights = torch.rand(6, 2)
+    routing = Routing(weights=weights, experts=experts, scores=torch.rand(6, 4))
+    dispatch = permute(routing, n_experts=4, capacity=2)
+    kept = {(int(t), int(e)) for t, e in zip(dispatch.token_index, torch.repeat_interleave(torch.arange(4), dispatch.counts))}
+    # expert 0 is chosen by tokens 0,1,2,3,5 -> keeps 0,1; expert 1 by 0,2,4,5 -> keeps 0,2
+    assert kept == {(0, 0), (1, 0), (0, 1), (2, 1), (1, 2), (4, 2), (3, 3)}
+    assert dispatch.dropped == 5
+    assert dispatch.counts.tolist() == [2, 2, 2, 1]
+
+
+def test_capacity_layer_equals_loop_without_dropped_pairs(seed):
+    moe = make_moe(seed, capacity_factor=0.5)
+    x = torch.randn(1, 24, 32)
+    out, _ = moe(x)
+    routing = route(moe.gate(x[0]), moe.expert_bias, moe.cfg)
+    capacity = math.ceil(0.5 * 24 * 2 / 8)
+    keep = torch.zeros(24, 2, dtype=torch.bool)
+    seen = [0] * 8
+    for n in range(24):
+        for k in range(2):
+            e = int(routing.experts[n, k])
+            keep[n, k] = seen[e] < capacity
+            seen[e] += 1
+    assert (~keep).sum() > 0, "the test needs some dropped tokens"
+    assert (out[0] - loop_reference(moe, x[0], keep)).abs().max() <= 1e-5
+
+
+def test_bias_steers_selection_not_weights(seed):
+    cfg = MoEConfig(n_routed_experts=8, top_k=2, score_func="sigmoid")
+    logits = torch.randn(50, 8)
+    bias = torch.zeros(8)
+    bias[5] = 10.0  # expert 5 wins every selection
+    r = route(logits, bias, cfg)
+    assert (r.experts == 5).any(-1).all()
+    plain = logits.sigmoid().gather(1, r.experts)
+    assert torch.allclose(r.weights, plain / plain.sum(-1, keepdim=True))
+
+
+def test_group_limited_routing_stays_in_chosen_groups(seed):
+    cfg = MoEConfig(n_routed_experts=16, top_k=4, n_group=4, topk_group=2, score_func="sigmoid", group_score="top2_sum")
+    r = route(torch.randn(100, 16), None, cfg)
+    groups_used = (r.experts // 4).sort(-1).values
+    assert all(len(set(row.tolist())) <= 2 for row in groups_used)
+
+
+def test_bias_update_rule():
+    moe = make_moe(0, bias_update_rate=0.1)
+    moe.expert_bias.zero_()
+    load = torch.tensor([10, 0, 5, 5, 5, 5, 5, 5])
+    moe.update_bias(load)
+    assert torch.allclose(moe.expert_bias, torch.tensor([-0.1, 0.1, 0, 0, 0, 0, 0, 0.0]))
+
+
+def test_sequence_balance_loss_is_alpha_when_balanced_and_larger_when_collapsed():
+    cfg = MoEConfig(n_routed_experts=4, top_k=2, aux_loss_alpha=0.01)
+    balanced = Routing(weights=torch.ones(4, 2), experts=torch.tensor([[0, 1], [2, 3], [0, 1], [2, 3]]),
+                       scores=torch.full((4, 4), 0.25))
+    assert torch.isclose(sequence_balance_loss(balanced, 1, cfg), torch.tensor(0.01))
+    collapsed = Routing(weights=torch.ones(4, 2), experts=torch.tensor([[0, 1]] * 4),
+                        scores=torch.tensor([[0.5, 0.4, 0.05, 0.05]] * 4))
+    assert sequence_balance_loss(collapsed, 1, cfg) > 0.015
