@@ -28,7 +28,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
     inputs = [Path(p) for p in args.input] if args.input else None
     manifest = prepare_corpus(inputs, Path(args.out), vocab_size=args.vocab_size, progress=not args.quiet)
-    print(f"prepared {args.out}: {manifest.summary()}")
+    print(f"prepared {args.out}: {len(manifest.source_files)} files, {manifest.source_bytes / 1e6:.1f} MB -> "
+          f"{manifest.n_tokens('train'):,} train / {manifest.n_tokens('val'):,} val tokens, "
+          f"vocabulary {manifest.vocab_size} ({manifest.tokenizer_path})")
     return 0
 
 

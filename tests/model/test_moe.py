@@ -64,7 +64,8 @@ def test_grouped_experts_equal_per_expert_loop(impl, overrides, seed):
     grads = torch.autograd.grad((out * g).sum(), [x, moe.experts.w_down, moe.experts.w_gate])
     ref_grads = torch.autograd.grad((ref * g).sum(), [x, moe.experts.w_down, moe.experts.w_gate])
     for a, b in zip(grads, ref_grads):
-        assert (a - b).abs().max() <= 1e-5
+        # sums of many fp32 products in another order: relative, as gradients grow with the weights
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, float(b.abs().max()))
 
 
 def test_experts_without_tokens(seed):
