@@ -1,4 +1,9 @@
-"""Batched generation with a KV cache: mixed prompt lengths in one batch, per-sequence sampling.
+"""Generation with a KV cache and continuous batching.
+
+`ContinuousBatcher` runs one forward per step over every active sequence: newly admitted
+ones contribute their whole prompt (prefill), running ones their last token (decode), all in
+one padded batch, each row in its own cache slot. Sequences join and leave between steps.
+The single-process `generate` and the expert-parallel router both drive it.
 
 Each sequence samples with its own seeded generator, so its tokens do not depend on which
 other sequences shared its batch: batched generation equals one-at-a-time generation.
@@ -6,11 +11,14 @@ other sequences shared its batch: batched generation equals one-at-a-time genera
 
 from __future__ import annotations
 
+import itertools
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from model.attention import StepLayout
+from model.attention import KVCache, StepLayout
 from model.transformer import Transformer
 
 
@@ -62,49 +70,116 @@ def _generator(params: SamplingParams) -> torch.Generator | None:
     return g
 
 
+@dataclass(eq=False)
+class Sequence:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    output: list[int] = field(default_factory=list)
+    slot: int | None = None
+    cached: int = 0  # tokens already in the KV cache
+    done: bool = False
+
+    def pending_tokens(self) -> list[int]:
+        """What the next step feeds: the whole prompt first, then the last sampled token."""
+        return self.prompt if self.cached == 0 else self.output[-1:]
+
+
+StepFn = Callable[[torch.Tensor, StepLayout, list[KVCache], torch.Tensor], torch.Tensor]
+
+
+class ContinuousBatcher:
+    """Slots of a KV cache shared by sequences that come and go between steps."""
+
+    def __init__(self, step_fn: StepFn, caches: list[KVCache], max_len: int, device: torch.device | str = "cpu"):
+        self.step_fn = step_fn
+        self.caches = caches
+        self.max_len = max_len
+        self.device = device
+        self.free_slots = deque(range(caches[0][next(iter(caches[0]))].shape[0]))
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._ids = itertools.count()
+
+    def check_prompt(self, prompt: list[int]) -> None:
+        if not prompt:
+            raise ValueError("prompt is empty")
+        if len(prompt) >= self.max_len:
+            raise ValueError(f"prompt has {len(prompt)} tokens; the model's context is {self.max_len}")
+
+    def add(self, prompt: list[int], params: SamplingParams) -> Sequence:
+        self.check_prompt(prompt)
+        seq = Sequence(id=next(self._ids), prompt=list(prompt), params=params, generator=_generator(params))
+        if params.max_new_tokens == 0:
+            seq.done = True
+        else:
+            self.waiting.append(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Drop a sequence whose client went away; its slot is free for the next step."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq in self.running:
+            self._finish(seq)
+        seq.done = True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _finish(self, seq: Sequence) -> None:
+        seq.done = True
+        self.running.remove(seq)
+        self.free_slots.append(seq.slot)
+
+    def step(self) -> list[Sequence]:
+        """One forward for all running sequences plus as many waiting ones as slots allow."""
+        while self.waiting and self.free_slots:
+            seq = self.waiting.popleft()
+            seq.slot = self.free_slots.popleft()
+            self.running.append(seq)
+        batch = list(self.running)
+        if not batch:
+            return []
+        rows = [seq.pending_tokens() for seq in batch]
+        lengths = torch.tensor([len(r) for r in rows], device=self.device)
+        tokens = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long, device=self.device)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)] = torch.tensor(r, device=self.device)
+        layout = StepLayout.build(len(batch), tokens.shape[1], self.device,
+                                  start_pos=torch.tensor([s.cached for s in batch], device=self.device),
+                                  lengths=lengths, slots=torch.tensor([s.slot for s in batch], device=self.device))
+        logits = self.step_fn(tokens, layout, self.caches, lengths - 1)
+        finished = []
+        for i, seq in enumerate(batch):
+            seq.cached += len(rows[i])
+            token = sample_token(logits[i], seq.params, seq.generator)
+            seq.output.append(token)
+            if (token in seq.params.stop_tokens or len(seq.output) >= seq.params.max_new_tokens
+                    or seq.cached >= self.max_len):
+                self._finish(seq)
+                finished.append(seq)
+        return finished
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
     """New tokens for each prompt (stop token included when one ended the sequence)."""
-    if not prompts:
-        return []
     per_seq = params if isinstance(params, list) else [params] * len(prompts)
     if len(per_seq) != len(prompts):
         raise ValueError(f"got {len(per_seq)} sampling params for {len(prompts)} prompts")
-    max_len = model.cfg.max_seq_len
+    if not prompts:
+        return []
+    batcher = ContinuousBatcher(model, model.new_cache(len(prompts)), model.cfg.max_seq_len,
+                                model.embed.weight.device)
     for i, prompt in enumerate(prompts):
-        if not prompt:
-            raise ValueError(f"prompt {i} is empty")
-        if len(prompt) >= max_len:
-            raise ValueError(f"prompt {i} has {len(prompt)} tokens; the model's context is {max_len}")
-    device = model.embed.weight.device
-    n = len(prompts)
-    caches = model.new_cache(n, max_len)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    padded = torch.zeros(n, int(lengths.max()), dtype=torch.long, device=device)
-    for i, prompt in enumerate(prompts):
-        padded[i, : len(prompt)] = torch.tensor(prompt, device=device)
-    logits = model(padded, StepLayout.build(n, padded.shape[1], device, lengths=lengths), caches, logits_at=lengths - 1)
-    generators = [_generator(p) for p in per_seq]
-    outputs: list[list[int]] = [[] for _ in range(n)]
-    active = [i for i in range(n) if per_seq[i].max_new_tokens > 0]
-    rows = {i: i for i in active}  # sequence -> row of the current logits
-    cur_len = lengths.clone()
-    while active:
-        still = []
-        for i in active:
-            token = sample_token(logits[rows[i]], per_seq[i], generators[i])
-            outputs[i].append(token)
-            finished = (token in per_seq[i].stop_tokens or len(outputs[i]) >= per_seq[i].max_new_tokens
-                        or int(cur_len[i]) >= max_len)
-            if not finished:
-                still.append(i)
-        active = still
-        if not active:
-            break
-        idx = torch.tensor(active, device=device)
-        step_tokens = torch.tensor([[outputs[i][-1]] for i in active], device=device)
-        layout = StepLayout.build(len(active), 1, device, start_pos=cur_len[idx], slots=idx)
-        logits = model(step_tokens, layout, caches, logits_at=torch.zeros(len(active), dtype=torch.long, device=device))
-        cur_len[idx] += 1
-        rows = {i: r for r, i in enumerate(active)}
-    return outputs
+        try:
+            batcher.check_prompt(prompt)
+        except ValueError as exc:
+            raise ValueError(f"prompt {i}: {exc}") from None
+    seqs = [batcher.add(p, sp) for p, sp in zip(prompts, per_seq)]
+    while batcher.has_work:
+        batcher.step()
+    return [s.output for s in seqs]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.generate import SamplingParams, generate, sample_token
+from model.generate import ContinuousBatcher, SamplingParams, generate, sample_token
 from tests.conftest import build_model, tiny_config
 
 
@@ -81,7 +81,24 @@ def test_bad_sampling_params_are_named(kwargs, message):
 def test_bad_prompts_are_rejected(seed):
     cfg = tiny_config("tiny", "model.max_seq_len=16")
     model = build_model(cfg, seed)
-    with pytest.raises(ValueError, match="prompt 1 is empty"):
+    with pytest.raises(ValueError, match="prompt 1: prompt is empty"):
         generate(model, [[1, 2], []], SamplingParams())
     with pytest.raises(ValueError, match="context is 16"):
         generate(model, [[1] * 16], SamplingParams())
+
+
+def test_sequences_join_and_leave_between_steps(seed):
+    """Two cache slots, four requests: later ones wait, then join a batch already decoding."""
+    cfg = tiny_config("tiny")
+    model = build_model(cfg, seed)
+    prompts = [torch.randint(3, cfg.vocab_size, (n,)).tolist() for n in (4, 9, 6, 2)]
+    params = [SamplingParams(max_new_tokens=n) for n in (3, 8, 5, 6)]
+    batcher = ContinuousBatcher(model, model.new_cache(2), cfg.max_seq_len)
+    seqs = [batcher.add(p, sp) for p, sp in zip(prompts, params)]
+    batch_sizes = []
+    with torch.no_grad():
+        while batcher.has_work:
+            batch_sizes.append(len(batcher.running) + min(len(batcher.waiting), len(batcher.free_slots)))
+            batcher.step()
+    assert max(batch_sizes) == 2
+    assert [s.output for s in seqs] == [generate(model, [p], sp)[0] for p, sp in zip(prompts, params)]
