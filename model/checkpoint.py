@@ -272,8 +272,10 @@ def load_expert_slice(
     expert_ids: Sequence[int],
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    prefix: str = "",
 ) -> dict[str, torch.Tensor]:
-    """The routed-expert tensors, each cut to rows `expert_ids` in that order: [len(ids), ...].
+    """The routed-expert tensors (those whose name starts with `prefix`, e.g. one layer's), each
+    cut to rows `expert_ids` in that order: [len(ids), ...].
 
     Reads only those rows from experts.safetensors (one range read when the ids are ascending and
     contiguous, one per id otherwise); model.safetensors is not opened.
@@ -283,6 +285,8 @@ def load_expert_slice(
     out: dict[str, torch.Tensor] = {}
     with _open_safetensors(file) as handle:
         for name in handle.keys():
+            if not name.startswith(prefix):
+                continue
             rows = handle.get_slice(name)
             n_experts = rows.get_shape()[0]
             bad = [i for i in ids if not 0 <= i < n_experts]

@@ -100,6 +100,7 @@ class ContinuousBatcher:
         self.free_slots = deque(range(caches[0][next(iter(caches[0]))].shape[0]))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.last_batch_size = 0  # rows of the last step, for batching statistics
         self._ids = itertools.count()
 
     def check_prompt(self, prompt: list[int]) -> None:
@@ -141,6 +142,7 @@ class ContinuousBatcher:
             seq.slot = self.free_slots.popleft()
             self.running.append(seq)
         batch = list(self.running)
+        self.last_batch_size = len(batch)
         if not batch:
             return []
         rows = [seq.pending_tokens() for seq in batch]

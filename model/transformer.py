@@ -63,7 +63,8 @@ class LossParts:
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, init: bool = True):
+        """init=False leaves weights uninitialized (memory untouched) for callers that load them."""
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
@@ -73,7 +74,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.mtp_depth))
-        if not any(p.is_meta for p in self.parameters()):
+        if init and not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
     @torch.no_grad()

@@ -1,0 +1,96 @@
+"""The process group between a router (rank 0) and its expert shards (ranks 1..N).
+
+Formed inside the actors: the router opens a TCP store on its own node at a free port, every
+member joins with its rank. gloo on CPU, NCCL on GPU, from the same code. A group whose member
+died is useless (the collective library cannot drop a rank), so replacing a shard destroys the
+group everywhere and forms a new one on a new store; collective timeouts make a dead peer an
+error instead of a hang.
+
+Per MoE layer the router sends each shard its per-expert row counts, then the rows, and gets
+the results back in the same order: three `all_to_all_single` calls with uneven splits in
+which only the router<->shard pairs carry data.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    host: str
+    port: int
+    world_size: int
+    backend: str  # "gloo" or "nccl"
+    timeout_s: float
+    generation: int  # bumps on every re-formation, so nothing stale is ever read
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+class Rendezvous:
+    """The router's side of forming a group: owns the TCP store every member connects to."""
+
+    def __init__(self, host: str, world_size: int, backend: str, timeout_s: float, generation: int):
+        self.spec = GroupSpec(host, free_port(host), world_size, backend, timeout_s, generation)
+        self.store = dist.TCPStore(host, self.spec.port, world_size, is_master=True,
+                                   timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+def join_group(spec: GroupSpec, rank: int, store: dist.Store | None = None) -> None:
+    """Join (as `rank`) the group described by spec; leaves any group this process was in first."""
+    leave_group()
+    timeout = datetime.timedelta(seconds=spec.timeout_s)
+    if store is None:
+        store = dist.TCPStore(spec.host, spec.port, spec.world_size, is_master=False, timeout=timeout)
+    store = dist.PrefixStore(f"moray/{spec.generation}", store)
+    dist.init_process_group(spec.backend, store=store, rank=rank, world_size=spec.world_size, timeout=timeout)
+
+
+def leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _exchange(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
+    dist.all_to_all_single(out, inp, out_splits, in_splits)
+    return out
+
+
+def router_dispatch(rows_MD: torch.Tensor, counts_per_shard: list[torch.Tensor]) -> torch.Tensor:
+    """Router side of one MoE layer: shard s gets counts_per_shard[s] (rows per local expert) and
+    those rows, in order; returns the shards' outputs for the same rows, in the same order."""
+    world = len(counts_per_shard) + 1
+    counts = torch.cat(counts_per_shard).to(device=rows_MD.device, dtype=torch.long)
+    _exchange(counts.new_empty(0), counts, [0] * world, [0] + [c.numel() for c in counts_per_shard])
+    rows_per_shard = [0] + [int(c.sum()) for c in counts_per_shard]
+    _exchange(rows_MD.new_empty(0, rows_MD.shape[1]), rows_MD.contiguous(), [0] * world, rows_per_shard)
+    return _exchange(torch.empty_like(rows_MD), rows_MD.new_empty(0, rows_MD.shape[1]), rows_per_shard, [0] * world)
+
+
+def shard_serve_layer(n_local: int, dim: int, dtype: torch.dtype, device: torch.device, compute) -> torch.Tensor:
+    """Shard side of one MoE layer: receive counts and rows, return compute(rows, counts).
+    Returns the counts received (per local expert) for load statistics."""
+    world = dist.get_world_size()
+    zeros = [0] * world
+    counts = _exchange(torch.empty(n_local, dtype=torch.long, device=device), torch.empty(0, dtype=torch.long,
+                       device=device), [n_local] + zeros[1:], zeros)
+    n_rows = int(counts.sum())
+    rows = _exchange(torch.empty(n_rows, dim, dtype=dtype, device=device), torch.empty(0, dim, dtype=dtype,
+                     device=device), [n_rows] + zeros[1:], zeros)
+    out = compute(rows, counts)
+    _exchange(out.new_empty(0, dim), out.contiguous(), zeros, [n_rows] + zeros[1:])
+    return counts

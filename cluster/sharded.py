@@ -1,0 +1,114 @@
+"""The Python API for a sharded model on the current Ray cluster.
+
+    model = ShardedModel.create("ckpt/", num_shards=4)       # or (cfg, seed=0) for random weights
+    logits = model.forward([[1, 2, 3]])
+    outs = model.generate([[1, 2, 3]], SamplingParams(max_new_tokens=16))
+    model.shutdown()
+
+One placement group holds the model: bundle 0 for the router, bundles 1..N for the shards,
+spread across nodes (one GPU per bundle when there are GPUs). Shutdown frees every actor and
+the placement group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import ray
+import torch
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.placement import ExpertPlacement
+from actors.router import RouterActor
+from actors.weights import WeightSource
+from model import checkpoint
+from model.config import ModelConfig
+from model.generate import SamplingParams
+
+ROUTER_CONCURRENCY = 256  # concurrent generate calls that can wait on the running batch
+
+
+def model_bundles(num_shards: int, use_gpu: bool) -> list[dict[str, float]]:
+    """Resources of one sharded copy: the router's bundle, then one per shard."""
+    bundle = {"CPU": 1.0, "GPU": 1.0} if use_gpu else {"CPU": 1.0}
+    return [dict(bundle) for _ in range(num_shards + 1)]
+
+
+def actor_options(pg: PlacementGroup, bundle_index: int, use_gpu: bool) -> dict:
+    return {
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_index),
+        "num_cpus": 1,
+        "num_gpus": 1 if use_gpu else 0,
+    }
+
+
+class ShardedModel:
+    def __init__(self, router, pg: PlacementGroup, cfg: ModelConfig, placement: ExpertPlacement):
+        self.router, self.pg, self.cfg, self.placement = router, pg, cfg, placement
+
+    @classmethod
+    def create(cls, source: ModelConfig | str, num_shards: int = 2, seed: int | None = None,
+               placement: ExpertPlacement | Sequence | None = None, dtype: str = "float32",
+               max_batch_size: int = 32, use_gpu: bool | None = None, timeout_s: float = 60.0) -> "ShardedModel":
+        """source: a checkpoint directory, or a model config together with `seed`."""
+        if isinstance(source, ModelConfig):
+            if seed is None:
+                raise ValueError("a sharded model from a config needs a seed for its weights")
+            cfg, weights = source, WeightSource(seed=seed)
+        else:
+            cfg, weights = checkpoint.load_config(source), WeightSource(checkpoint=str(source))
+        if not isinstance(placement, ExpertPlacement):
+            placement = (ExpertPlacement.contiguous(cfg.n_moe_layers, cfg.moe.n_routed_experts, num_shards)
+                         if placement is None else
+                         ExpertPlacement.from_lists(placement, cfg.n_moe_layers, cfg.moe.n_routed_experts))
+        if placement.n_shards != num_shards:
+            raise ValueError(f"the expert map has {placement.n_shards} shards, num_shards is {num_shards}")
+        if use_gpu is None:
+            use_gpu = ray.cluster_resources().get("GPU", 0) >= num_shards + 1
+        pg = placement_group(model_bundles(num_shards, use_gpu), strategy="SPREAD")
+        try:
+            ray.get(pg.ready(), timeout=timeout_s)
+            shard_options = [actor_options(pg, i + 1, use_gpu) for i in range(num_shards)]
+            router = RouterActor.options(max_concurrency=ROUTER_CONCURRENCY, **actor_options(pg, 0, use_gpu)).remote(
+                cfg, weights, placement, shard_options, dtype, max_batch_size, timeout_s)
+            ray.get(router.stats.remote(), timeout=max(timeout_s, 120))  # construction errors surface here
+        except Exception:
+            remove_placement_group(pg)
+            raise
+        return cls(router, pg, cfg, placement)
+
+    def forward(self, tokens: list[list[int]] | torch.Tensor, decode_from: int | None = None) -> torch.Tensor:
+        return ray.get(self.router.forward.remote(tokens, decode_from))
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        return ray.get(self.router.generate.remote(prompts, params))
+
+    def expert_load(self) -> torch.Tensor:
+        """Tokens routed to each expert since start: [n_moe_layers, n_routed_experts]."""
+        return torch.tensor(self.stats()["expert_load"])
+
+    def stats(self) -> dict:
+        return ray.get(self.router.stats.remote())
+
+    def shard_stats(self) -> list[dict]:
+        return ray.get(self.router.shard_stats.remote())
+
+    def shard_handles(self) -> list:
+        return ray.get(self.router.shard_handles.remote())
+
+    def replace_shard(self, index: int) -> None:
+        ray.get(self.router.replace_shard.remote(index))
+
+    def shutdown(self) -> None:
+        try:
+            ray.get(self.router.shutdown.remote(), timeout=60)
+        finally:
+            ray.kill(self.router, no_restart=True)
+            remove_placement_group(self.pg)
+
+    def __enter__(self) -> "ShardedModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
