@@ -34,8 +34,7 @@ class RemoteExperts(nn.Module):
             shift = torch.repeat_interleave(starts[self.send_order] - send_starts, send_counts)
             index = torch.arange(x_MD.shape[0], device=x_MD.device) + shift
             rows = x_MD[index]
-        per_shard = list(torch.split(send_counts, [len(s) for s in self.shard_experts]))
-        out = router_dispatch(rows, per_shard)
+        out = router_dispatch(rows, send_counts, [len(s) for s in self.shard_experts])
         if index is None:
             return out
         return torch.empty_like(out).index_copy_(0, index, out)

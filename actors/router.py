@@ -40,14 +40,15 @@ class ShardFailure(RuntimeError):
 class Router:
     def __init__(self, cfg: ModelConfig, source: WeightSource, placement: ExpertPlacement,
                  shard_options: list[dict] | None = None, dtype: str = "float32", max_batch_size: int = 32,
-                 timeout_s: float = 60.0):
-        """shard_options: Ray actor options per shard (placement group bundle, resources)."""
+                 timeout_s: float = 60.0, use_gpu: bool = False):
+        """shard_options: Ray actor options per shard (placement group bundle, resources).
+        use_gpu: router and shards each run on their (Ray-assigned) GPU and talk over NCCL."""
         if placement.n_shards < 1 or len(placement.layers) != cfg.n_moe_layers:
             raise ValueError(f"placement covers {len(placement.layers)} MoE layers with {placement.n_shards} shards; "
                              f"the model has {cfg.n_moe_layers} MoE layers and needs at least one shard")
         self.cfg, self.source, self.placement = cfg, source, placement
         self.dtype_name, self.timeout_s = dtype, timeout_s
-        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
         self.model = self._build_model(cfg, source, placement).to(self.device, getattr(torch, dtype)).eval()
         self.shard_options = shard_options or [{} for _ in range(placement.n_shards)]
         self.shards = [self._start_shard(i) for i in range(placement.n_shards)]
@@ -80,7 +81,7 @@ class Router:
     def _start_shard(self, index: int):
         experts = self.placement.shard_experts(index)
         return ExpertShardActor.options(**self.shard_options[index]).remote(self.cfg, self.source, experts,
-                                                                            self.dtype_name)
+                                                                            self.dtype_name, self.device.type)
 
     def _form_group(self) -> None:
         """Everyone leaves the old group, then joins a new one on a new store (router = rank 0)."""

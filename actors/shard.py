@@ -20,9 +20,9 @@ from model.moe import RoutedExperts
 
 class ExpertShard:
     def __init__(self, cfg: ModelConfig, source: WeightSource, experts_per_layer: list[list[int]],
-                 dtype: str = "float32"):
+                 dtype: str = "float32", device: str = "cpu"):
         self.cfg = cfg
-        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
         self.dtype = getattr(torch, dtype)
         self.expert_ids = experts_per_layer
         moe_layers = range(cfg.n_dense_layers, cfg.n_layers)

@@ -70,15 +70,21 @@ def _exchange(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_sp
     return out
 
 
-def router_dispatch(rows_MD: torch.Tensor, counts_per_shard: list[torch.Tensor]) -> torch.Tensor:
-    """Router side of one MoE layer: shard s gets counts_per_shard[s] (rows per local expert) and
-    those rows, in order; returns the shards' outputs for the same rows, in the same order."""
-    world = len(counts_per_shard) + 1
-    counts = torch.cat(counts_per_shard).to(device=rows_MD.device, dtype=torch.long)
-    _exchange(counts.new_empty(0), counts, [0] * world, [0] + [c.numel() for c in counts_per_shard])
-    rows_per_shard = [0] + [int(c.sum()) for c in counts_per_shard]
-    _exchange(rows_MD.new_empty(0, rows_MD.shape[1]), rows_MD.contiguous(), [0] * world, rows_per_shard)
-    return _exchange(torch.empty_like(rows_MD), rows_MD.new_empty(0, rows_MD.shape[1]), rows_per_shard, [0] * world)
+def router_dispatch(rows_MD: torch.Tensor, send_counts: torch.Tensor, experts_per_shard: list[int]) -> torch.Tensor:
+    """Router side of one MoE layer. rows_MD is grouped by shard, then by local expert;
+    send_counts [sum(experts_per_shard)] gives rows per expert in that order. Shard s gets its
+    experts' counts and rows; returns their outputs for the same rows, in the same order."""
+    world = len(experts_per_shard) + 1
+    counts = send_counts.to(torch.long)
+    host = counts.tolist()  # the one device sync: split sizes must be known on the host
+    bounds = [0]
+    for n in experts_per_shard:
+        bounds.append(bounds[-1] + n)
+    rows_per_shard = [0] + [sum(host[bounds[s]:bounds[s + 1]]) for s in range(len(experts_per_shard))]
+    _exchange(counts.new_empty(0), counts, [0] * world, [0] + list(experts_per_shard))
+    empty = rows_MD.new_empty(0, rows_MD.shape[1])
+    _exchange(empty, rows_MD.contiguous(), [0] * world, rows_per_shard)
+    return _exchange(torch.empty_like(rows_MD), empty, rows_per_shard, [0] * world)
 
 
 def shard_serve_layer(n_local: int, dim: int, dtype: torch.dtype, device: torch.device, compute) -> torch.Tensor:

@@ -71,7 +71,7 @@ class ShardedModel:
             ray.get(pg.ready(), timeout=timeout_s)
             shard_options = [actor_options(pg, i + 1, use_gpu) for i in range(num_shards)]
             router = RouterActor.options(max_concurrency=ROUTER_CONCURRENCY, **actor_options(pg, 0, use_gpu)).remote(
-                cfg, weights, placement, shard_options, dtype, max_batch_size, timeout_s)
+                cfg, weights, placement, shard_options, dtype, max_batch_size, timeout_s, use_gpu)
             ray.get(router.stats.remote(), timeout=max(timeout_s, 120))  # construction errors surface here
         except Exception:
             remove_placement_group(pg)

@@ -1,0 +1,40 @@
+"""The same equivalence over NCCL: router on one GPU, its expert shard on another."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import ray
+import torch
+
+from cluster.sharded import ShardedModel
+from model.checkpoint import save_checkpoint
+from tests.conftest import build_model, tiny_config
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def gpu_ray():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gqa"])
+def test_nccl_sharded_equals_single_process(gpu_ray, preset, seed, tmp_path):
+    cfg = tiny_config(preset)
+    model = build_model(cfg, seed)
+    ckpt = save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict())
+    tokens = torch.randint(0, cfg.vocab_size, (3, 21), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected = model(tokens)
+    with ShardedModel.create(str(ckpt), num_shards=1, use_gpu=True) as sharded:
+        assert sharded.stats()["device"].startswith("cuda")
+        assert all(s["device"].startswith("cuda") for s in sharded.shard_stats())
+        assert (sharded.forward(tokens) - expected).abs().max() <= 1e-5
+        assert (sharded.forward(tokens, decode_from=7) - expected).abs().max() <= 1e-5
