@@ -231,10 +231,11 @@ class Router:
             self._form_group()
 
     def shutdown(self) -> None:
+        """Stops the loop and the shards. The router's own group handle goes with its process:
+        tearing down an NCCL communicator whose peers are being killed can block."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        leave_group()
         for shard in self.shards:
             ray.kill(shard, no_restart=True)
         self.shards = []
