@@ -94,7 +94,7 @@ def shard_serve_layer(n_local: int, dim: int, dtype: torch.dtype, device: torch.
     zeros = [0] * world
     counts = _exchange(torch.empty(n_local, dtype=torch.long, device=device), torch.empty(0, dtype=torch.long,
                        device=device), [n_local] + zeros[1:], zeros)
-    n_rows = int(counts.sum())
+    n_rows = sum(counts.tolist())  # one device->host copy, no extra reduction kernel
     rows = _exchange(torch.empty(n_rows, dim, dtype=dtype, device=device), torch.empty(0, dim, dtype=dtype,
                      device=device), [n_rows] + zeros[1:], zeros)
     out = compute(rows, counts)
