@@ -23,7 +23,10 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "manifests" / "models"
 class TrainConfig:
     data_dir: str = "data/corpus"
     seq_len: int = 128
+    # sequences per optimizer step over all workers (micro batch x accumulation x workers)
     batch_size: int = 8
+    # sequences per worker per forward; 0 means batch_size / num_workers (no accumulation)
+    micro_batch_size: int = 0
     max_steps: int = 200
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -32,6 +35,19 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 10
+    # distributed training (Ray Train + DeepSpeed)
+    num_workers: int = 2
+    use_gpu: bool = False
+    # "moray" (dropless grouped MoE, expert parallel) or "deepspeed" (deepspeed.moe.layer.MoE)
+    moe_impl: str = "moray"
+    # expert-parallel group size; 0 means all workers. Must divide num_workers and the experts.
+    ep_size: int = 0
+    zero_stage: int = 1
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    max_failures: int = 1
+    storage_path: str = "runs"
+    run_name: str = "moray-train"
 
 
 @dataclass
@@ -94,6 +110,42 @@ def load_config(name_or_path: str = "tiny", overrides: list[str] | tuple[str, ..
         cfg = merge_checked(cfg, dot, f"override {item!r}")
     obj: MorayConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     check_model_config(obj.model)
+    check_train_config(obj.train, obj.model)
     return obj
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"train.{key}: {message}")
+
+
+def effective_ep_size(train: TrainConfig) -> int:
+    return train.ep_size or train.num_workers
+
+
+def micro_batch(train: TrainConfig, num_workers: int | None = None) -> tuple[int, int]:
+    """(micro batch per worker, gradient accumulation steps) for this many workers."""
+    workers = num_workers or train.num_workers
+    micro = train.micro_batch_size or train.batch_size // workers
+    return micro, train.batch_size // (micro * workers)
+
+
+def check_train_config(train: TrainConfig, model: ModelConfig) -> None:
+    for key in ("seq_len", "batch_size", "max_steps", "num_workers", "checkpoint_every", "keep_checkpoints"):
+        _require(getattr(train, key) > 0, key, f"must be > 0, got {getattr(train, key)}")
+    _require(train.seq_len <= model.max_seq_len, "seq_len",
+             f"{train.seq_len} exceeds the model's max_seq_len {model.max_seq_len}")
+    _require(train.moe_impl in ("moray", "deepspeed"), "moe_impl",
+             f"must be 'moray' or 'deepspeed', got {train.moe_impl!r}")
+    _require(train.zero_stage in (0, 1, 2), "zero_stage", f"must be 0, 1 or 2 (MoE), got {train.zero_stage}")
+    ep = effective_ep_size(train)
+    _require(train.num_workers % ep == 0, "ep_size", f"{ep} does not divide num_workers {train.num_workers}")
+    if model.n_moe_layers:
+        _require(model.moe.n_routed_experts % ep == 0, "ep_size",
+                 f"{ep} does not divide the {model.moe.n_routed_experts} routed experts")
+    micro, accum = micro_batch(train)
+    _require(micro > 0 and micro * accum * train.num_workers == train.batch_size, "batch_size",
+             f"{train.batch_size} is not micro_batch_size ({micro}) x accumulation x num_workers "
+             f"({train.num_workers})")
 
 

@@ -23,13 +23,16 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = build_attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        # an MoE ffn takes (x, valid) and returns (out, aux_loss); training may swap in another
+        # implementation with that signature (DeepSpeed's MoE layer)
+        self.is_moe = moe
         self.ffn: nn.Module = MoE(cfg.dim, cfg.moe) if moe else SwiGLU(cfg.dim, cfg.inter_dim)
 
     def forward(self, x: torch.Tensor, layout: StepLayout, cache: KVCache | None = None,
                 valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x + self.attn(self.attn_norm(x), layout, cache)
         h = self.ffn_norm(x)
-        if isinstance(self.ffn, MoE):
+        if self.is_moe:
             out, aux = self.ffn(h, valid)
             return x + out, aux
         return x + self.ffn(h), None

@@ -472,12 +472,25 @@ class TokenStream:
     def _random_batches(self, batch_size: int, seq_len: int, seed: int
                         ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(seed)
-        offsets = torch.arange(seq_len + 1)
         n_starts = len(self.tokens) - seq_len  # last start leaves room for the shifted target
         while True:
-            starts = torch.randint(0, n_starts, (batch_size,), generator=gen)
-            windows_BT1 = self.tokens[starts[:, None] + offsets]
-            yield windows_BT1[:, :-1].contiguous(), windows_BT1[:, 1:].contiguous()
+            yield self._windows(torch.randint(0, n_starts, (batch_size,), generator=gen), seq_len)
+
+    def _windows(self, starts: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        windows_BT1 = self.tokens[starts[:, None] + torch.arange(seq_len + 1)]
+        return windows_BT1[:, :-1].contiguous(), windows_BT1[:, 1:].contiguous()
+
+    def step_batch(self, step: int, batch_size: int, seq_len: int, seed: int, first: int, count: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [first, first + count) of the global batch of optimizer step `step`.
+
+        The global batch is a pure function of (seed, step), so a run resumed at any step, with
+        any number of workers, sees exactly the data an uninterrupted run would.
+        """
+        self._check(batch_size, seq_len)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        starts = torch.randint(0, len(self.tokens) - seq_len, (batch_size,), generator=gen)
+        return self._windows(starts[first:first + count], seq_len)
 
     def sequential_batches(self, batch_size: int, seq_len: int
                            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

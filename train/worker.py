@@ -1,0 +1,179 @@
+"""What each Ray Train worker runs: the model under a DeepSpeed engine with expert parallelism.
+
+Per optimizer step: `accum` micro-batches of this worker's slice of the step's global batch
+-> loss (next token + MTP + balance) -> DeepSpeed backward/step (gradients reduced over the
+data-parallel group, expert gradients over the expert-data-parallel group, clipped, ZeRO
+1/2) -> the routed load all-reduced and the balancing bias updated identically on every rank
+-> metrics; every `checkpoint_every` steps a checkpoint: DeepSpeed's (for resuming with the
+same world size) plus the model in moray's format (for serving, and for resuming with any).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import deepspeed
+import ray.train
+import torch
+import torch.distributed as dist
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from omegaconf import OmegaConf
+
+from cluster.config import MorayConfig, effective_ep_size, micro_batch
+from model import checkpoint as model_checkpoint
+from model.moe import MoE
+from model.transformer import Transformer
+from train.data import TokenStream
+from train.deepspeed_moe import StockMoEBlock, gather_stock_experts, stock_export_config, stock_to_moray_state, use_stock_moe
+from train.expert_parallel import gather_expert_stacks, parallelize_experts
+from train.plain import load_imbalance, lr_at
+
+log = logging.getLogger(__name__)
+DS_TAG = "deepspeed"
+MODEL_DIR = "model"
+STATE_FILE = "train_state.json"
+
+
+def build_model(cfg: MorayConfig, rank: int, init_from: str | None) -> Transformer:
+    """The same initial weights on every rank, then this rank's share of the experts."""
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(cfg.model)
+    if init_from is not None:
+        model_checkpoint.load_into(model, init_from, strict=True)
+    ep = effective_ep_size(cfg.train)
+    if cfg.train.moe_impl == "moray":
+        parallelize_experts(model, ep, rank % ep)
+    else:
+        use_stock_moe(model, ep)
+    return model
+
+
+def deepspeed_config(cfg: MorayConfig, micro: int, accum: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "bf16": {"enabled": cfg.train.use_gpu},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_optimizer(model: Transformer, cfg: MorayConfig) -> torch.optim.Optimizer:
+    decay = {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.train.weight_decay,
+             "name": "decay"}
+    no_decay = {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0, "name": "no_decay"}
+    groups = split_params_into_different_moe_groups_for_optimizer([decay, no_decay])
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95))
+
+
+def layer_loads(model: Transformer) -> torch.Tensor:
+    """Per-layer routed token counts of the last forward, either MoE implementation."""
+    loads = [m.last_load for m in model.modules() if isinstance(m, (MoE, StockMoEBlock))]
+    return torch.stack(loads) if loads else torch.zeros(0, 0, dtype=torch.long)
+
+
+def update_bias_everywhere(model: Transformer) -> None:
+    """Sum the routed load over ranks, so every rank applies the same bias change."""
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        load = moe.pending_load.clone()
+        dist.all_reduce(load)
+        moe.update_bias(load)
+
+
+def export_state_dict(model: Transformer, impl: str) -> dict[str, torch.Tensor]:
+    """The whole model in moray's checkpoint names (every rank must call: experts are gathered)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if impl == "moray":
+        state = {k: v for k, v in state.items() if ".deepspeed_moe." not in k}
+        state.update(gather_expert_stacks(model))
+        return state
+    return stock_to_moray_state(state, gather_stock_experts(model))
+
+
+def _mean_over_ranks(values: list[float]) -> float:
+    t = torch.tensor(sum(values) / max(1, len(values)), dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+def train_worker(config: dict) -> None:
+    cfg: MorayConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MorayConfig), config["cfg"]))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.train.use_gpu else torch.device("cpu")
+
+    resume = ray.train.get_checkpoint()
+    resume_dir = Path(resume.to_directory()) if resume is not None else None
+    state = json.loads((resume_dir / STATE_FILE).read_text()) if resume_dir else {"step": 0, "world_size": world}
+    # same world size: DeepSpeed's checkpoint restores weights and optimizer exactly; another
+    # world size re-shards the experts, so the engine starts from the exported model weights
+    same_world = state["world_size"] == world
+    init_from = str(resume_dir / MODEL_DIR) if resume_dir and not same_world else config.get("init_from")
+    model = build_model(cfg, rank, init_from).to(device)
+    micro, accum = micro_batch(cfg.train, world)
+    scheduler_fn = lambda step: lr_at(step, cfg.train) / cfg.train.lr  # noqa: E731
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scheduler_fn)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, micro, accum))
+    if resume_dir is not None and same_world:
+        engine.load_checkpoint(str(resume_dir), tag=DS_TAG)
+
+    stream = TokenStream(cfg.train.data_dir)
+    start = state["step"]
+    window: list[dict] = []
+    last_report = time.perf_counter()
+    for step in range(start, cfg.train.max_steps):
+        model.train()
+        losses, mtps, auxes = [], [], []
+        for m in range(accum):
+            first = (m * world + rank) * micro
+            inputs, targets = stream.step_batch(step, cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed,
+                                                first, micro)
+            parts = engine.module.loss(inputs.to(device), targets.to(device))
+            engine.backward(parts.loss)
+            engine.step()
+            losses.append(parts.main.item())
+            mtps.append(parts.mtp.item() if parts.mtp is not None else 0.0)
+            auxes.append(parts.aux.item() if parts.aux is not None else 0.0)
+        update_bias_everywhere(model)
+        loads = layer_loads(model).clone()
+        dist.all_reduce(loads)
+        window.append({"loss": _mean_over_ranks(losses), "mtp_loss": _mean_over_ranks(mtps),
+                       "aux_loss": _mean_over_ranks(auxes), "imbalance": load_imbalance(loads)})
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done % cfg.train.checkpoint_every == 0 or done == cfg.train.max_steps:
+            elapsed = time.perf_counter() - last_report
+            last_report = time.perf_counter()
+            metrics = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+            metrics.update(step=done, lr=scheduler.get_last_lr()[0], world_size=world,
+                           tokens_per_s=len(window) * cfg.train.batch_size * cfg.train.seq_len / elapsed,
+                           step_loss=window[-1]["loss"],
+                           layer_imbalance=[load_imbalance(row[None]) for row in loads])
+            window = []
+            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.max_steps:
+                _report_with_checkpoint(engine, model, cfg, metrics, rank, world, done)
+            else:
+                ray.train.report(metrics)
+
+
+def _report_with_checkpoint(engine, model: Transformer, cfg: MorayConfig, metrics: dict, rank: int, world: int,
+                            step: int) -> None:
+    exported = export_state_dict(model, cfg.train.moe_impl)  # collective: every rank
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag=DS_TAG)
+        if rank == 0:
+            model_cfg = stock_export_config(cfg.model) if cfg.train.moe_impl == "deepspeed" else cfg.model
+            model_checkpoint.save_checkpoint(Path(d) / MODEL_DIR, model_cfg, exported,
+                                             tokenizer_file=Path(cfg.train.data_dir) / "tokenizer.json")
+            (Path(d) / STATE_FILE).write_text(json.dumps({"step": step, "world_size": world}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
