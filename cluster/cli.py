@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -63,6 +64,39 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _absolute_paths(overrides: list[str], cfg) -> list[str]:
+    """Paths the cluster must find however the job is shipped: data and run storage, absolute."""
+    return [*overrides, f"train.data_dir={Path(cfg.train.data_dir).resolve()}",
+            f"train.storage_path={Path(cfg.train.storage_path).resolve()}"]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import ray
+
+    from cluster.config import load_config
+    from train.job import check_before_start, run_training
+
+    cfg = load_config(args.config, args.overrides)
+    check_before_start(cfg)  # one clear line before anything starts
+    if args.address:
+        from cluster.jobs import submit_and_follow
+
+        overrides = _absolute_paths(list(args.overrides), cfg)
+        flags = [f"--init-from={Path(args.init_from).resolve()}"] if args.init_from else []
+        flags += [f"--resume-from={Path(args.resume_from).resolve()}"] if args.resume_from else []
+        return submit_and_follow(args.address, ["python", "-m", "train", args.config, *overrides, *flags])
+    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True,
+             num_cpus=None if os.environ.get("RAY_ADDRESS") else max(cfg.train.num_workers + 1, os.cpu_count() or 1))
+    result = run_training(cfg, init_from=args.init_from, resume_from=args.resume_from)
+    if result.error:
+        print(f"moray: training failed: {result.error.splitlines()[0]}", file=sys.stderr)
+        return 1
+    print(f"run directory:    {result.run_dir}")
+    print(f"checkpoint:       {result.checkpoint_dir}")
+    print(f"model checkpoint: {result.model_checkpoint}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cluster.config import preset_names
 
@@ -84,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. model.moe.top_k=4")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=cmd_model_info)
+    train = commands.add_parser("train", help="train with DeepSpeed under Ray Train (local cluster, or --address)")
+    train.add_argument("config", metavar="CONFIG_OR_PRESET", help="YAML file or preset")
+    train.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.max_steps=50")
+    train.add_argument("--address", help="submit as a Ray job to this cluster (http://host:8265) and follow it")
+    train.add_argument("--init-from", help="start from the weights of a moray model checkpoint")
+    train.add_argument("--resume-from", help="continue from a training checkpoint (any number of workers)")
+    train.set_defaults(func=cmd_train)
     return parser
 
 

@@ -53,7 +53,8 @@ def run_training(cfg: MorayConfig, init_from: str | None = None, resume_from: st
     storage = str(Path(cfg.train.storage_path).resolve())
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": OmegaConf.to_container(OmegaConf.structured(cfg)), "init_from": init_from},
+        train_loop_config={"cfg": OmegaConf.to_container(OmegaConf.structured(cfg)), "init_from": init_from,
+                           "resume_from": str(Path(resume_from).resolve()) if resume_from else None},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
         run_config=RunConfig(
             name=cfg.train.run_name,
@@ -61,7 +62,6 @@ def run_training(cfg: MorayConfig, init_from: str | None = None, resume_from: st
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
-        resume_from_checkpoint=ray.train.Checkpoint.from_directory(resume_from) if resume_from else None,
     )
     result = trainer.fit()
     ckpt = result.checkpoint.path if result.checkpoint is not None else None

@@ -80,11 +80,17 @@ def layer_loads(model: Transformer) -> torch.Tensor:
 
 
 def update_bias_everywhere(model: Transformer) -> None:
-    """Sum the routed load over ranks, so every rank applies the same bias change."""
+    """Sum the routed load over ranks, so every rank applies the same bias change, and check
+    that it did: ranks routing with different biases would silently train different models."""
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
         load = moe.pending_load.clone()
         dist.all_reduce(load)
         moe.update_bias(load)
+        lowest, highest = moe.expert_bias.clone(), moe.expert_bias.clone()
+        dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
+        dist.all_reduce(highest, op=dist.ReduceOp.MAX)
+        if not torch.equal(lowest, highest):
+            raise RuntimeError("expert balancing biases differ between ranks")
 
 
 def export_state_dict(model: Transformer, impl: str) -> dict[str, torch.Tensor]:
@@ -95,6 +101,35 @@ def export_state_dict(model: Transformer, impl: str) -> dict[str, torch.Tensor]:
         state.update(gather_expert_stacks(model))
         return state
     return stock_to_moray_state(state, gather_stock_experts(model))
+
+
+class RunLog:
+    """Where a run shows itself: a progress line on the console, `metrics.jsonl` in the run
+    directory, Prometheus gauges through ray.util.metrics, and each worker's pid file."""
+
+    def __init__(self, cfg: MorayConfig, rank: int):
+        from ray.util.metrics import Gauge
+
+        self.rank, self.max_steps = rank, cfg.train.max_steps
+        self.run_dir = Path(cfg.train.storage_path).resolve() / cfg.train.run_name
+        (self.run_dir / "workers").mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "workers" / f"rank{rank}.pid").write_text(str(os.getpid()))
+        tags = {"run": cfg.train.run_name}
+        self.gauges = {name: Gauge(f"moray_train_{name}", description=f"training {name}", tag_keys=("run",))
+                       for name in ("loss", "mtp_loss", "aux_loss", "tokens_per_s", "lr", "imbalance")}
+        for gauge in self.gauges.values():
+            gauge.set_default_tags(tags)
+
+    def record(self, metrics: dict) -> None:
+        for name, gauge in self.gauges.items():
+            gauge.set(float(metrics[name]))
+        if self.rank != 0:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        print(f"step {metrics['step']}/{self.max_steps}  loss {metrics['loss']:.4f}  mtp {metrics['mtp_loss']:.4f}  "
+              f"aux {metrics['aux_loss']:.4f}  lr {metrics['lr']:.2e}  tokens/s {metrics['tokens_per_s']:.0f}  "
+              f"max/mean expert load {metrics['imbalance']:.2f}", flush=True)
 
 
 def _mean_over_ranks(values: list[float]) -> float:
@@ -111,8 +146,12 @@ def train_worker(config: dict) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.train.use_gpu else torch.device("cpu")
 
+    # after a worker failure Ray Train hands back the run's latest checkpoint; a new run may
+    # start from another run's checkpoint
     resume = ray.train.get_checkpoint()
     resume_dir = Path(resume.to_directory()) if resume is not None else None
+    if resume_dir is None and config.get("resume_from"):
+        resume_dir = Path(config["resume_from"])
     state = json.loads((resume_dir / STATE_FILE).read_text()) if resume_dir else {"step": 0, "world_size": world}
     # same world size: DeepSpeed's checkpoint restores weights and optimizer exactly; another
     # world size re-shards the experts, so the engine starts from the exported model weights
@@ -129,6 +168,7 @@ def train_worker(config: dict) -> None:
         engine.load_checkpoint(str(resume_dir), tag=DS_TAG)
 
     stream = TokenStream(cfg.train.data_dir)
+    run_log = RunLog(cfg, rank)
     start = state["step"]
     window: list[dict] = []
     last_report = time.perf_counter()
@@ -160,6 +200,7 @@ def train_worker(config: dict) -> None:
                            step_loss=window[-1]["loss"],
                            layer_imbalance=[load_imbalance(row[None]) for row in loads])
             window = []
+            run_log.record(metrics)
             if done % cfg.train.checkpoint_every == 0 or done == cfg.train.max_steps:
                 _report_with_checkpoint(engine, model, cfg, metrics, rank, world, done)
             else:
