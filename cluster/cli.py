@@ -17,11 +17,12 @@ from model.config import ConfigError
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that mean bad input rather than a bug (imported late: `moray --help` stays fast)."""
+    from cluster.jobs import JobError
     from model.checkpoint import CheckpointError
     from model.tokenizer import TokenizerError
     from train.data import DataError
 
-    return (ConfigError, CheckpointError, DataError, TokenizerError)
+    return (ConfigError, CheckpointError, DataError, TokenizerError, JobError)
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:

@@ -8,17 +8,46 @@ RAY_AUTH_TOKEN or Ray's token file, as `ray job submit` does.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
+from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXCLUDES = [".git", "data", "runs", ".device", "*.egg-info", "__pycache__", ".pytest_cache", "docs"]
 
 
+class JobError(RuntimeError):
+    """The cluster could not be reached or refused us; the message says which and why."""
+
+
+def local_token() -> str | None:
+    """The cluster token as Ray's own tools find it: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or
+    ~/.ray/auth_token (written by `ray get-auth-token --generate` and local clusters)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return path.read_text().strip() if path.is_file() else None
+
+
+def job_client(address: str) -> JobSubmissionClient:
+    """A job client that sends the local token when one exists: a cluster that enforces tokens
+    is then reachable without extra flags, and one that does not ignores the header."""
+    token = local_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except AuthenticationError as exc:
+        raise JobError(f"{address} refused the job client: {str(exc).splitlines()[0]} "
+                       "(set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token)") from None
+    except ConnectionError as exc:
+        raise JobError(f"cannot reach the Ray dashboard at {address}: {str(exc).splitlines()[0]}") from None
+
+
 def submit(address: str, entrypoint: list[str]) -> tuple[JobSubmissionClient, str]:
-    client = JobSubmissionClient(address)
+    client = job_client(address)
     job_id = client.submit_job(
         entrypoint=" ".join(entrypoint),
         runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES},
