@@ -19,6 +19,7 @@ from pathlib import Path
 
 import deepspeed
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
@@ -132,8 +133,8 @@ class RunLog:
               f"max/mean expert load {metrics['imbalance']:.2f}", flush=True)
 
 
-def _mean_over_ranks(values: list[float]) -> float:
-    t = torch.tensor(sum(values) / max(1, len(values)), dtype=torch.float64)
+def _mean_over_ranks(values: list[float], device: torch.device) -> float:
+    t = torch.tensor(sum(values) / max(1, len(values)), dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t) / dist.get_world_size()
 
@@ -144,7 +145,7 @@ def train_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-    device = torch.device("cuda", torch.cuda.current_device()) if cfg.train.use_gpu else torch.device("cpu")
+    device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
 
     # after a worker failure Ray Train hands back the run's latest checkpoint; a new run may
     # start from another run's checkpoint
@@ -164,6 +165,8 @@ def train_worker(config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scheduler_fn)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, micro, accum))
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        moe.expert_bias.data = moe.expert_bias.data.float()  # bf16 would swallow the small bias steps
     if resume_dir is not None and same_world:
         engine.load_checkpoint(str(resume_dir), tag=DS_TAG)
 
@@ -188,8 +191,8 @@ def train_worker(config: dict) -> None:
         update_bias_everywhere(model)
         loads = layer_loads(model).clone()
         dist.all_reduce(loads)
-        window.append({"loss": _mean_over_ranks(losses), "mtp_loss": _mean_over_ranks(mtps),
-                       "aux_loss": _mean_over_ranks(auxes), "imbalance": load_imbalance(loads)})
+        window.append({"loss": _mean_over_ranks(losses, device), "mtp_loss": _mean_over_ranks(mtps, device),
+                       "aux_loss": _mean_over_ranks(auxes, device), "imbalance": load_imbalance(loads)})
         done = step + 1
         if done % cfg.train.log_every == 0 or done % cfg.train.checkpoint_every == 0 or done == cfg.train.max_steps:
             elapsed = time.perf_counter() - last_report
