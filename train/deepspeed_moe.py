@@ -9,13 +9,15 @@ softmax scoring, normalized top-k weights and no bias.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
+import torch.distributed as dist
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import nn
 
 from model.config import ModelConfig
 from model.layers import SwiGLU
-from model.moe import MoE
 from model.transformer import Transformer
 
 DEFAULT_BALANCE_COEF = 0.01  # DeepSpeed's layer always computes its balance loss; weigh it like GShard
@@ -61,35 +63,26 @@ def stock_to_moray_state(state: dict[str, torch.Tensor], gathered_experts: dict[
 
 
 def gather_stock_experts(model: Transformer) -> dict[str, torch.Tensor]:
-    """Every stock layer's experts gathered over its ep group, as moray's stacked tensors."""
-    import torch.distributed as dist
-
+    """Every stock layer's experts gathered over its ep group, as moray's stacked tensors
+    (nn.Linear keeps [out, in]; moray stacks [in, out] per expert)."""
     out = {}
     for name, module in model.named_modules():
         if not isinstance(module, StockMoEBlock):
             continue
         experts = module.moe.deepspeed_moe.experts.deepspeed_experts
-        prefix = name.replace(".ffn", ".ffn.experts")
-        for moray_name, linear, transpose in (("w_gate", "w_gate", True), ("w_up", "w_up", True),
-                                              ("w_down", "w_down", True)):
-            local = torch.stack([getattr(e, linear).weight.detach().t() if transpose else getattr(e, linear).weight
-                                 for e in experts]).contiguous()
+        for weight in ("w_gate", "w_up", "w_down"):
+            local = torch.stack([getattr(e, weight).weight.detach().t() for e in experts]).contiguous()
             if module.moe.ep_size > 1:
                 parts = [torch.empty_like(local) for _ in range(module.moe.ep_size)]
                 dist.all_gather(parts, local, group=module.moe.deepspeed_moe.ep_group)
                 local = torch.cat(parts)
-            out[f"{prefix}.{moray_name}"] = local.cpu()
+            out[f"{name}.experts.{weight}"] = local.cpu()
         out[f"{name}.expert_bias"] = torch.zeros(module.moe.num_experts)
     return out
 
 
 def stock_export_config(cfg: ModelConfig) -> ModelConfig:
     """The moray config under which an exported stock-MoE model computes the same routing."""
-    from dataclasses import replace
-
     return replace(cfg, moe=replace(cfg.moe, score_func="softmax", norm_topk_prob=True, n_group=1, topk_group=1,
                                     routed_scaling_factor=1.0, bias_balancing=False, capacity_factor=0.0))
 
-
-__all__ = ["StockMoEBlock", "use_stock_moe", "stock_to_moray_state", "gather_stock_experts", "stock_export_config",
-           "MoE"]
