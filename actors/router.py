@@ -12,7 +12,9 @@ Runs as a Ray actor (`RouterActor`, for the Python API) or inside a Serve replic
 from __future__ import annotations
 
 import logging
+import queue
 import threading
+from collections.abc import Iterator
 
 import ray
 import torch
@@ -62,7 +64,7 @@ class Router:
         caches = self.model.new_cache(max_batch_size, cfg.max_seq_len)
         self.batcher = ContinuousBatcher(self._step, caches, cfg.max_seq_len, self.device)
         self._cond = threading.Condition()
-        self._results: dict[int, tuple[threading.Event, list]] = {}
+        self._streams: dict[int, tuple[Sequence, queue.Queue, int]] = {}  # id -> (seq, tokens, tokens sent)
         self._closed = False
         self._loop = threading.Thread(target=self._serve_loop, name="moray-router-loop", daemon=True)
         self._loop.start()
@@ -150,6 +152,46 @@ class Router:
                                     None))
         return torch.cat(parts, dim=1).cpu()
 
+    def _check_prompt(self, prompt: list[int]) -> None:
+        self.batcher.check_prompt(prompt)
+        if max(prompt) >= self.cfg.vocab_size or min(prompt) < 0:
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size})")
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> tuple[Sequence, queue.Queue]:
+        """Join the running batch; the queue receives each new token, then None (or an exception)."""
+        self._check_prompt(prompt)
+        tokens: queue.Queue = queue.Queue()
+        with self._cond:
+            seq = self.batcher.add(prompt, params)
+            if seq.done:
+                tokens.put(None)
+            else:
+                self._streams[seq.id] = (seq, tokens, 0)
+                self._cond.notify_all()
+        return seq, tokens
+
+    def cancel(self, seq: Sequence) -> None:
+        """The client went away: free the sequence's slot before its next step."""
+        with self._cond:
+            self.batcher.cancel(seq)
+            self._streams.pop(seq.id, None)
+
+    @staticmethod
+    def _drain(tokens: queue.Queue) -> Iterator[int]:
+        while (item := tokens.get()) is not None:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[int]:
+        """New tokens one by one as the batch produces them; closing the iterator cancels."""
+        seq, tokens = self.submit(prompt, params)
+        try:
+            yield from self._drain(tokens)
+        finally:
+            if not seq.done:
+                self.cancel(seq)
+
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Joins the running batch; returns the new tokens of each prompt."""
         per_seq = params if isinstance(params, list) else [params] * len(prompts)
@@ -157,29 +199,11 @@ class Router:
             raise ValueError(f"got {len(per_seq)} sampling params for {len(prompts)} prompts")
         for i, prompt in enumerate(prompts):
             try:
-                self.batcher.check_prompt(prompt)
+                self._check_prompt(prompt)
             except ValueError as exc:
                 raise ValueError(f"prompt {i}: {exc}") from None
-            if max(prompt) >= self.cfg.vocab_size or min(prompt) < 0:
-                raise ValueError(f"prompt {i}: token ids must be in [0, {self.cfg.vocab_size})")
-        waits = []
-        with self._cond:
-            for prompt, sp in zip(prompts, per_seq):
-                seq = self.batcher.add(prompt, sp)
-                waits.append(seq)
-                self._results[seq.id] = (threading.Event(), [])
-                if seq.done:  # nothing to generate
-                    self._results[seq.id][0].set()
-            self._cond.notify_all()
-        outputs = []
-        for seq in waits:
-            event, error = self._results[seq.id]
-            event.wait()
-            del self._results[seq.id]
-            if error:
-                raise error[0]
-            outputs.append(seq.output)
-        return outputs
+        submitted = [self.submit(p, sp) for p, sp in zip(prompts, per_seq)]  # all join before any wait
+        return [list(self._drain(tokens)) for _, tokens in submitted]
 
     def _serve_loop(self) -> None:
         while True:
@@ -189,23 +213,24 @@ class Router:
                 if self._closed:
                     return
                 try:
-                    finished = self.batcher.step()
+                    self.batcher.step()
                     self.batch_sizes.append(self.batcher.last_batch_size)
                 except Exception as exc:  # every sequence in flight gets the error, the loop goes on
                     log.error("router step failed: %s", exc)
                     for seq in list(self.batcher.running) + list(self.batcher.waiting):
                         self.batcher.cancel(seq)
-                        self._complete(seq, exc)
+                    for _, tokens, _ in self._streams.values():
+                        tokens.put(exc)
+                    self._streams.clear()
                     continue
-            for seq in finished:
-                self._complete(seq)
-
-    def _complete(self, seq: Sequence, error: Exception | None = None) -> None:
-        event, errors = self._results.get(seq.id, (None, None))
-        if event is not None:
-            if error is not None:
-                errors.append(error)
-            event.set()
+                for seq_id, (seq, tokens, sent) in list(self._streams.items()):
+                    for token in seq.output[sent:]:
+                        tokens.put(token)
+                    if seq.done:
+                        tokens.put(None)
+                        del self._streams[seq_id]
+                    else:
+                        self._streams[seq_id] = (seq, tokens, len(seq.output))
 
     def stats(self) -> dict:
         return {

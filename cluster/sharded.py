@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import ray
 import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.bundles import actor_options, model_bundles, shard_options
 from actors.placement import ExpertPlacement
 from actors.router import RouterActor
 from actors.weights import WeightSource
@@ -27,20 +27,6 @@ from model.config import ModelConfig
 from model.generate import SamplingParams
 
 ROUTER_CONCURRENCY = 256  # concurrent generate calls that can wait on the running batch
-
-
-def model_bundles(num_shards: int, use_gpu: bool) -> list[dict[str, float]]:
-    """Resources of one sharded copy: the router's bundle, then one per shard."""
-    bundle = {"CPU": 1.0, "GPU": 1.0} if use_gpu else {"CPU": 1.0}
-    return [dict(bundle) for _ in range(num_shards + 1)]
-
-
-def actor_options(pg: PlacementGroup, bundle_index: int, use_gpu: bool) -> dict:
-    return {
-        "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_index),
-        "num_cpus": 1,
-        "num_gpus": 1 if use_gpu else 0,
-    }
 
 
 class ShardedModel:
@@ -69,9 +55,9 @@ class ShardedModel:
         pg = placement_group(model_bundles(num_shards, use_gpu), strategy="SPREAD")
         try:
             ray.get(pg.ready(), timeout=timeout_s)
-            shard_options = [actor_options(pg, i + 1, use_gpu) for i in range(num_shards)]
             router = RouterActor.options(max_concurrency=ROUTER_CONCURRENCY, **actor_options(pg, 0, use_gpu)).remote(
-                cfg, weights, placement, shard_options, dtype, max_batch_size, timeout_s, use_gpu)
+                cfg, weights, placement, shard_options(pg, num_shards, use_gpu), dtype, max_batch_size, timeout_s,
+                use_gpu)
             ray.get(router.stats.remote(), timeout=max(timeout_s, 120))  # construction errors surface here
         except Exception:
             remove_placement_group(pg)
