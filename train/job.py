@@ -34,6 +34,8 @@ class TrainResult:
 
 def check_before_start(cfg: MorayConfig) -> None:
     """Data present, vocabulary fits, resources exist: refuse to start otherwise."""
+    if cfg.train.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"train.seq_len: {cfg.train.seq_len} exceeds the model's max_seq_len {cfg.model.max_seq_len}")
     manifest = load_manifest(cfg.train.data_dir)
     if manifest.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "

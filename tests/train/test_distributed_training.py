@@ -32,7 +32,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     corpus = root / "corpus"
     prepare_corpus(None, corpus, vocab_size=2048, progress=False)
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     yield root, corpus
     ray.shutdown()
 

@@ -1,0 +1,1 @@
+"""Ray Serve applications: the sharded model deployment and its OpenAI-compatible ingress."""

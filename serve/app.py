@@ -1,0 +1,84 @@
+"""`build_app(args) -> Application`: what `serve run serve.app:build_app` and `moray serve` deploy.
+
+Two deployments: `OpenAIIngress` (FastAPI, validates and tokenizes) and `MoEModel` (each
+replica one sharded copy of the model: router in the replica, shards in its placement group).
+
+args: checkpoint (required), num_shards (2), max_batch_size (32), use_gpu (false),
+model_name (the checkpoint's config name), min_replicas / max_replicas / target_ongoing_requests
+and upscale_delay_s / downscale_delay_s for the model deployment's autoscaling.
+"""
+
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from actors.bundles import model_bundles
+from model import checkpoint
+from model.tokenizer import Tokenizer
+from serve.model_server import ModelServer
+from serve.openai_api import ChatRequest, CompletionRequest, OpenAIService, chat_prompt, register_error_handlers
+
+api = FastAPI(title="moray", version="0.1.0")
+register_error_handlers(api)
+
+
+@serve.deployment(max_ongoing_requests=256)
+@serve.ingress(api)
+class OpenAIIngress:
+    def __init__(self, model: DeploymentHandle, model_name: str, tokenizer_file: str, max_context: int):
+        self.service = OpenAIService(model, model_name, Tokenizer.load(tokenizer_file), max_context)
+
+    @api.post("/v1/completions")
+    async def completions(self, req: CompletionRequest):
+        return await self.service.respond(req, self.service.tokenize(req.prompt), chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, req: ChatRequest):
+        return await self.service.respond(req, self.service.tokenize(chat_prompt(req.messages)), chat=True)
+
+    @api.get("/v1/models")
+    async def models(self):
+        return self.service.models()
+
+    @api.get("/health")
+    async def health(self):
+        return {"status": "ok"}
+
+
+MoEModel = serve.deployment(ModelServer, name="MoEModel", max_ongoing_requests=256)
+
+
+@dataclass
+class AppArgs:
+    checkpoint: str
+    num_shards: int = 2
+    max_batch_size: int = 32
+    use_gpu: bool = False
+    model_name: str | None = None
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 8.0
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+
+
+def build_app(args: dict) -> Application:
+    opts = AppArgs(**args)
+    cfg = checkpoint.load_config(opts.checkpoint)  # a bad checkpoint fails here, before any replica
+    tokenizer_file = checkpoint.tokenizer_file(opts.checkpoint)
+    if tokenizer_file is None:
+        raise checkpoint.CheckpointError(f"checkpoint {opts.checkpoint} has no tokenizer.json to serve text with")
+    autoscaling = {"min_replicas": opts.min_replicas, "max_replicas": opts.max_replicas,
+                   "target_ongoing_requests": opts.target_ongoing_requests,
+                   "upscale_delay_s": opts.upscale_delay_s, "downscale_delay_s": opts.downscale_delay_s}
+    bundles = model_bundles(opts.num_shards, opts.use_gpu)
+    model = MoEModel.options(
+        autoscaling_config=autoscaling, placement_group_bundles=bundles, placement_group_strategy="SPREAD",
+        ray_actor_options={"num_cpus": bundles[0]["CPU"], "num_gpus": bundles[0].get("GPU", 0)},
+    ).bind(str(Path(opts.checkpoint).resolve()), opts.num_shards, opts.max_batch_size, opts.use_gpu)
+    return OpenAIIngress.bind(model, opts.model_name or cfg.name, str(tokenizer_file), cfg.max_seq_len)

@@ -1,0 +1,55 @@
+"""The model deployment: each replica is one complete sharded copy of the model.
+
+The replica process is the router; its expert shards go into the replica's own placement
+group (bundles 1..N of `placement_group_bundles`), so Serve's autoscaling adds and removes
+whole sharded copies. Requests join the router's running batch; tokens come back one by one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from ray.util import get_current_placement_group
+
+from actors.bundles import shard_options
+from actors.placement import ExpertPlacement
+from actors.router import Router
+from actors.weights import WeightSource
+from model import checkpoint
+from model.generate import SamplingParams
+
+
+class ModelServer:
+    def __init__(self, checkpoint_dir: str, num_shards: int = 2, max_batch_size: int = 32, use_gpu: bool = False,
+                 dtype: str = "float32"):
+        cfg = checkpoint.load_config(checkpoint_dir)
+        pg = get_current_placement_group()
+        options = shard_options(pg, num_shards, use_gpu) if pg is not None else None
+        self.router = Router(cfg, WeightSource(checkpoint=checkpoint_dir),
+                             ExpertPlacement.contiguous(cfg.n_moe_layers, cfg.moe.n_routed_experts, num_shards),
+                             options, dtype, max_batch_size, use_gpu=use_gpu)
+        self.cfg = cfg
+
+    async def stream(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[int]:
+        """New tokens as the batch makes them; a client that goes away frees its slot."""
+        seq, tokens = self.router.submit(prompt, params)
+        try:
+            while (item := await asyncio.to_thread(tokens.get)) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            if not seq.done:
+                self.router.cancel(seq)
+
+    async def generate(self, prompt: list[int], params: SamplingParams) -> list[int]:
+        return [token async for token in self.stream(prompt, params)]
+
+    def stats(self) -> dict:
+        return self.router.stats()
+
+    def __del__(self) -> None:
+        router = getattr(self, "router", None)
+        if router is not None:
+            router.shutdown()
