@@ -237,6 +237,8 @@ class Router:
             "generation": self.generation,
             "n_shards": len(self.shards),
             "batch_sizes": list(self.batch_sizes),
+            "running": len(self.batcher.running),
+            "waiting": len(self.batcher.waiting),
             "expert_load": self.total_load.tolist(),
             "failure": self._failure,
             "device": str(self.device),
