@@ -98,6 +98,119 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_ray(address: str | None, num_cpus: int | None = None):
+    """Join the given cluster, or start an embedded local one (dashboard on 127.0.0.1)."""
+    import ray
+
+    if address:
+        return ray.init(address=address)
+    return ray.init(address="local", num_cpus=num_cpus or max(6, os.cpu_count() or 1), include_dashboard=True,
+                    dashboard_host="127.0.0.1")
+
+
+def deploy(checkpoint_dir: str, port: int, num_shards: int, use_gpu: bool = False) -> str:
+    """Start (or update) the moray Serve application; returns the HTTP endpoint."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"checkpoint": checkpoint_dir, "num_shards": num_shards, "use_gpu": use_gpu}),
+              name="moray", route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+def _wait_forever() -> None:
+    import time
+
+    print("serving; press Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopped")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from model.checkpoint import load_config as load_checkpoint_config
+
+    name = load_checkpoint_config(args.checkpoint).name  # a bad checkpoint fails here, with one line
+    context = _start_ray(args.address)
+    endpoint = deploy(str(Path(args.checkpoint).resolve()), args.port, args.num_shards, args.use_gpu)
+    print(f"model {name!r} served with {args.num_shards} expert shards")
+    print(f"OpenAI-compatible endpoint: {endpoint}/v1  (completions, chat/completions, models; health: {endpoint}/health)")
+    if getattr(context, "dashboard_url", None):
+        print(f"Ray dashboard: http://{context.dashboard_url}")
+    if not args.no_wait:
+        _wait_forever()
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.checkpoint import load_config as load_checkpoint_config
+    from model.checkpoint import load_into, tokenizer_file
+    from model.generate import SamplingParams, generate
+    from model.tokenizer import Tokenizer
+    from model.transformer import Transformer
+
+    cfg = load_checkpoint_config(args.checkpoint)
+    tok_path = tokenizer_file(args.checkpoint)
+    if tok_path is None:
+        raise ConfigError(f"checkpoint {args.checkpoint} has no tokenizer.json")
+    tok = Tokenizer.load(tok_path)
+    model = Transformer(cfg, init=False).eval()
+    load_into(model, args.checkpoint)
+    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop_tokens=(tok.eos_id,))
+    with torch.no_grad():
+        out = generate(model, [tok.encode(args.prompt)], params)[0]
+    print(args.prompt + tok.decode([t for t in out if t != tok.eos_id]))
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """Prepare the corpus, train `tiny` with 2 expert-parallel workers, serve it, ask it."""
+    import requests
+
+    from cluster.config import load_config
+    from train.data import DataError, load_manifest, prepare_corpus
+    from train.job import run_training
+
+    data = Path(args.data).resolve()
+    try:
+        load_manifest(data)
+        print(f"[1/4] corpus: {data} (already prepared)")
+    except DataError:
+        print(f"[1/4] preparing the corpus (this Python's standard library) in {data}")
+        prepare_corpus(None, data, vocab_size=2048, progress=True)
+    context = _start_ray(None)
+    cfg = load_config("tiny", [f"train.data_dir={data}", f"train.storage_path={Path(args.runs).resolve()}",
+                               f"train.max_steps={args.steps}", "train.num_workers=2", "train.log_every=10",
+                               f"train.run_name=quickstart-{os.getpid()}"])
+    print(f"[2/4] training tiny for {args.steps} steps with 2 expert-parallel workers (DeepSpeed under Ray Train)")
+    result = run_training(cfg)
+    if result.error or result.model_checkpoint is None:
+        print(f"moray: training failed: {result.error}", file=sys.stderr)
+        return 1
+    print(f"      checkpoint: {result.model_checkpoint}")
+    print("[3/4] serving it with 2 expert shards (Ray Serve)")
+    endpoint = deploy(result.model_checkpoint, args.port, num_shards=2)
+    print("[4/4] asking for a completion")
+    prompt = "def main("
+    reply = requests.post(f"{endpoint}/v1/completions", timeout=120,
+                          json={"model": "tiny", "prompt": prompt, "max_tokens": 32, "temperature": 0}).json()
+    print("\n" + prompt + reply["choices"][0]["text"] + "\n")
+    print(f"OpenAI-compatible endpoint: {endpoint}/v1")
+    print(f"Ray dashboard: http://{context.dashboard_url}")
+    print(f"try: curl {endpoint}/v1/completions -H 'content-type: application/json' "
+          f"-d '{{\"model\": \"tiny\", \"prompt\": \"import \", \"max_tokens\": 20}}'")
+    if not args.no_wait:
+        _wait_forever()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cluster.config import preset_names
 
@@ -126,6 +239,33 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init-from", help="start from the weights of a moray model checkpoint")
     train.add_argument("--resume-from", help="continue from a training checkpoint (any number of workers)")
     train.set_defaults(func=cmd_train)
+
+    serve_cmd = commands.add_parser("serve", help="serve a checkpoint: OpenAI-compatible HTTP on Ray Serve")
+    serve_cmd.add_argument("checkpoint", help="moray model checkpoint directory (a training run's model/)")
+    serve_cmd.add_argument("--address", help="Ray cluster to deploy to (default: an embedded local one)")
+    serve_cmd.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default 8000)")
+    serve_cmd.add_argument("--num-shards", type=int, default=2, help="expert shards per replica (default 2)")
+    serve_cmd.add_argument("--use-gpu", action="store_true", help="router and shards on GPUs, NCCL between them")
+    serve_cmd.add_argument("--no-wait", action="store_true", help="return after deploying")
+    serve_cmd.set_defaults(func=cmd_serve)
+
+    gen = commands.add_parser("generate", help="one completion from a checkpoint, in this process")
+    gen.add_argument("checkpoint")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int)
+    gen.set_defaults(func=cmd_generate)
+
+    quick = commands.add_parser("quickstart", help="prepare data, train tiny, serve it, ask it (local Ray cluster)")
+    quick.add_argument("--data", default="data/corpus")
+    quick.add_argument("--runs", default="runs")
+    quick.add_argument("--steps", type=int, default=150)
+    quick.add_argument("--port", type=int, default=8000)
+    quick.add_argument("--no-wait", action="store_true", help="exit after the first completion")
+    quick.set_defaults(func=cmd_quickstart)
     return parser
 
 

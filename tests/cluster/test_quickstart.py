@@ -1,0 +1,36 @@
+"""`moray quickstart` end to end (the README's main command), then `moray generate` on the
+checkpoint it trained: a user's first five minutes, as subprocesses."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_quickstart_trains_serves_and_answers(tmp_path):
+    port = _free_port()
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "quickstart", "--no-wait", "--steps", "12",
+                           "--port", str(port)], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    out = proc.stdout
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    for step in ("[1/4]", "[2/4]", "[3/4]", "[4/4]"):
+        assert step in out
+    assert f"OpenAI-compatible endpoint: http://127.0.0.1:{port}/v1" in out
+    assert re.search(r"Ray dashboard: http://127\.0\.0\.1:\d+", out)
+    completion = out.split("[4/4] asking for a completion", 1)[1]
+    assert "def main(" in completion and len(completion.split("def main(", 1)[1].split("OpenAI-compatible")[0].strip()) > 0
+    checkpoint = re.search(r"checkpoint: (\S+)", out).group(1)
+    gen = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", checkpoint, "--prompt", "import ",
+                          "--max-tokens", "8"], capture_output=True, text=True, timeout=300)
+    assert gen.returncode == 0 and gen.stdout.startswith("import "), gen.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", str(tmp_path / "nope"), "--prompt", "x"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
