@@ -66,6 +66,15 @@ class AppArgs:
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
 
+    def __post_init__(self) -> None:
+        """`serve run ... key=value` passes strings: coerce them to the declared types."""
+        for name, kind in (("num_shards", int), ("max_batch_size", int), ("min_replicas", int),
+                           ("max_replicas", int), ("target_ongoing_requests", float), ("upscale_delay_s", float),
+                           ("downscale_delay_s", float)):
+            setattr(self, name, kind(getattr(self, name)))
+        if isinstance(self.use_gpu, str):
+            self.use_gpu = self.use_gpu.lower() in ("1", "true", "yes")
+
 
 def build_app(args: dict) -> Application:
     opts = AppArgs(**args)
