@@ -24,10 +24,10 @@ from model.generate import SamplingParams
 from model.tokenizer import Tokenizer
 
 
-class CompletionRequest(BaseModel):
+class SamplingFields(BaseModel):
+    """What completions and chat share: the model, sampling knobs, how many, streaming."""
+
     model: str
-    prompt: str | list[int]
-    max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
@@ -35,6 +35,11 @@ class CompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[int]
+    max_tokens: int = Field(16, ge=1)
 
 
 class ChatMessage(BaseModel):
@@ -42,17 +47,9 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatRequest(BaseModel):
-    model: str
+class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int = Field(64, ge=1)
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=16)
-    stream: bool = False
 
 
 class APIError(Exception):

@@ -4,19 +4,14 @@ checkpoint it trained: a user's first five minutes, as subprocesses."""
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from actors.transport import free_port
 
 
 def test_quickstart_trains_serves_and_answers(tmp_path):
-    port = _free_port()
+    port = free_port("127.0.0.1")
     proc = subprocess.run([sys.executable, "-m", "cluster.cli", "quickstart", "--no-wait", "--steps", "12",
                            "--port", str(port)], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     out = proc.stdout

@@ -5,7 +5,6 @@ single-process model's generation for the same prompt and seed."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
@@ -16,6 +15,7 @@ import requests
 import torch
 from ray import serve
 
+from actors.transport import free_port
 from model.checkpoint import save_checkpoint
 from model.generate import SamplingParams, generate
 from model.tokenizer import Tokenizer
@@ -25,11 +25,6 @@ from tests.conftest import build_model, tiny_config
 from train.data import prepare_corpus
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -38,7 +33,7 @@ def server(tmp_path_factory):
     cfg = tiny_config("tiny")
     model = build_model(cfg, seed=1234)
     ckpt = save_checkpoint(root / "ckpt", cfg, model.state_dict(), tokenizer_file=manifest.tokenizer_path)
-    port = _free_port()
+    port = free_port("127.0.0.1")
     ray.init(address="local", num_cpus=6, include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"checkpoint": str(ckpt), "num_shards": 2}), name="moray", route_prefix="/")

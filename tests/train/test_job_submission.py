@@ -4,7 +4,6 @@ token authentication on, follows it to the end and prints the checkpoint path.""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,21 +11,17 @@ import pytest
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 
+from actors.transport import free_port
 from train.data import prepare_corpus
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    dashboard = _free_port()
-    subprocess.run(["ray", "start", "--head", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
+    dashboard, gcs = free_port("127.0.0.1"), free_port("127.0.0.1")
+    subprocess.run(["ray", "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
                     "--dashboard-host=127.0.0.1", "--num-cpus=4", "--disable-usage-stats"],
                    env=env, check=True, capture_output=True)
     yield f"http://127.0.0.1:{dashboard}"
