@@ -108,13 +108,14 @@ def _start_ray(address: str | None, num_cpus: int | None = None):
                     dashboard_host="127.0.0.1")
 
 
-def deploy(checkpoint_dir: str, port: int, num_shards: int, use_gpu: bool = False) -> str:
+def deploy(checkpoint_dir: str, port: int, num_shards: int, use_gpu: bool = False, grpc_port: int = 9000) -> str:
     """Start (or update) the moray Serve application; returns the HTTP endpoint."""
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app import GRPC_SERVICER, build_app
 
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port},
+                grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]})
     serve.run(build_app({"checkpoint": checkpoint_dir, "num_shards": num_shards, "use_gpu": use_gpu}),
               name="moray", route_prefix="/")
     return f"http://127.0.0.1:{port}"
@@ -136,8 +137,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     name = load_checkpoint_config(args.checkpoint).name  # a bad checkpoint fails here, with one line
     context = _start_ray(args.address)
-    endpoint = deploy(str(Path(args.checkpoint).resolve()), args.port, args.num_shards, args.use_gpu)
+    endpoint = deploy(str(Path(args.checkpoint).resolve()), args.port, args.num_shards, args.use_gpu, args.grpc_port)
     print(f"model {name!r} served with {args.num_shards} expert shards")
+    print(f"gRPC endpoint: 127.0.0.1:{args.grpc_port}  (serve/moray.proto, metadata application=moray)")
     print(f"OpenAI-compatible endpoint: {endpoint}/v1  (completions, chat/completions, models; health: {endpoint}/health)")
     if getattr(context, "dashboard_url", None):
         print(f"Ray dashboard: http://{context.dashboard_url}")
@@ -196,7 +198,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         return 1
     print(f"      checkpoint: {result.model_checkpoint}")
     print("[3/4] serving it with 2 expert shards (Ray Serve)")
-    endpoint = deploy(result.model_checkpoint, args.port, num_shards=2)
+    endpoint = deploy(result.model_checkpoint, args.port, num_shards=2, grpc_port=args.grpc_port)
     print("[4/4] asking for a completion")
     prompt = "def main("
     reply = requests.post(f"{endpoint}/v1/completions", timeout=120,
@@ -244,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("checkpoint", help="moray model checkpoint directory (a training run's model/)")
     serve_cmd.add_argument("--address", help="Ray cluster to deploy to (default: an embedded local one)")
     serve_cmd.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default 8000)")
+    serve_cmd.add_argument("--grpc-port", type=int, default=9000, help="gRPC port (default 9000)")
     serve_cmd.add_argument("--num-shards", type=int, default=2, help="expert shards per replica (default 2)")
     serve_cmd.add_argument("--use-gpu", action="store_true", help="router and shards on GPUs, NCCL between them")
     serve_cmd.add_argument("--no-wait", action="store_true", help="return after deploying")
@@ -264,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--runs", default="runs")
     quick.add_argument("--steps", type=int, default=150)
     quick.add_argument("--port", type=int, default=8000)
+    quick.add_argument("--grpc-port", type=int, default=9000)
     quick.add_argument("--no-wait", action="store_true", help="exit after the first completion")
     quick.set_defaults(func=cmd_quickstart)
     return parser

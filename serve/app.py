@@ -9,10 +9,13 @@ and upscale_delay_s / downscale_delay_s for the model deployment's autoscaling.
 """
 
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 from fastapi import FastAPI
+from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
@@ -21,7 +24,19 @@ from actors.bundles import model_bundles
 from model import checkpoint
 from model.tokenizer import Tokenizer
 from serve.model_server import ModelServer
-from serve.openai_api import ChatRequest, CompletionRequest, OpenAIService, chat_prompt, register_error_handlers
+from serve import moray_pb2
+from serve.openai_api import (APIError, ChatRequest, CompletionRequest, OpenAIService, stop_strings, chat_prompt,
+                              register_error_handlers)
+
+GRPC_SERVICER = "serve.moray_pb2_grpc.add_MorayGenerateServicer_to_server"
+
+def _grpc_invalid(grpc_context, exc: Exception, reply):
+    """Bad gRPC input: INVALID_ARGUMENT with the reason, as HTTP would answer 400."""
+    if grpc_context is not None:
+        grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+        grpc_context.set_details(exc.message if isinstance(exc, APIError) else str(exc).splitlines()[0])
+    return reply
+
 
 api = FastAPI(title="moray", version="0.1.0")
 register_error_handlers(api)
@@ -48,6 +63,36 @@ class OpenAIIngress:
     @api.get("/health")
     async def health(self):
         return {"status": "ok"}
+
+    # gRPC (serve/moray.proto), through Serve's gRPC proxy
+
+    async def Generate(self, request: moray_pb2.GenerateRequest, grpc_context=None) -> moray_pb2.GenerateReply:
+        try:
+            req, ids = self._grpc_request(request)
+            text, count, finish = await self.service.complete(ids, self.service.params_for(req, 0), stop_strings(req.stop))
+        except (APIError, ValidationError) as exc:
+            return _grpc_invalid(grpc_context, exc, moray_pb2.GenerateReply())
+        return moray_pb2.GenerateReply(text=text, finish_reason=finish, prompt_tokens=len(ids),
+                                       completion_tokens=count)
+
+    async def GenerateStream(self, request: moray_pb2.GenerateRequest, grpc_context=None
+                             ) -> AsyncIterator[moray_pb2.GenerateChunk]:
+        try:
+            req, ids = self._grpc_request(request)
+        except (APIError, ValidationError) as exc:
+            _grpc_invalid(grpc_context, exc, None)
+            return
+        async for piece, _, finish in self.service.pieces(ids, self.service.params_for(req, 0), stop_strings(req.stop)):
+            yield moray_pb2.GenerateChunk(text=piece, finish_reason=finish or "")
+
+    def _grpc_request(self, request: moray_pb2.GenerateRequest) -> tuple[CompletionRequest, list[int]]:
+        req = CompletionRequest(model=self.service.model_name, prompt=request.prompt or list(request.prompt_ids),
+                                max_tokens=request.max_tokens or 16, temperature=request.temperature,
+                                top_p=request.top_p or 1.0, top_k=request.top_k,
+                                seed=request.seed if request.HasField("seed") else None, stop=list(request.stop))
+        ids = self.service.tokenize(req.prompt)
+        self.service.check(req, ids)
+        return req, ids
 
 
 MoEModel = serve.deployment(ModelServer, name="MoEModel", max_ongoing_requests=256)

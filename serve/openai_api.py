@@ -68,7 +68,7 @@ def chat_prompt(messages: list[ChatMessage]) -> str:
     return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
 
 
-def _stops(stop: str | list[str] | None) -> list[str]:
+def stop_strings(stop: str | list[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop or [])
 
 
@@ -167,7 +167,7 @@ class OpenAIService:
     async def respond(self, req: CompletionRequest | ChatRequest, prompt_ids: list[int], chat: bool):
         self.check(req, prompt_ids)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        stops = _stops(req.stop)
+        stops = stop_strings(req.stop)
         base: dict[str, Any] = {"id": rid, "created": int(time.time()), "model": self.model_name}
         if req.stream:
             return StreamingResponse(_sse(self._chunks(req, prompt_ids, stops, base, chat)),

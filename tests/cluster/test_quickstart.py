@@ -13,7 +13,8 @@ from actors.transport import free_port
 def test_quickstart_trains_serves_and_answers(tmp_path):
     port = free_port("127.0.0.1")
     proc = subprocess.run([sys.executable, "-m", "cluster.cli", "quickstart", "--no-wait", "--steps", "12",
-                           "--port", str(port)], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+                           "--port", str(port), "--grpc-port", str(free_port("127.0.0.1"))],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
     out = proc.stdout
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     for step in ("[1/4]", "[2/4]", "[3/4]", "[4/4]"):

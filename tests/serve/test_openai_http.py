@@ -8,6 +8,7 @@ import json
 import threading
 import time
 
+import grpc
 import openai
 import pytest
 import ray
@@ -19,7 +20,8 @@ from actors.transport import free_port
 from model.checkpoint import save_checkpoint
 from model.generate import SamplingParams, generate
 from model.tokenizer import Tokenizer
-from serve.app import build_app
+from serve import moray_pb2, moray_pb2_grpc
+from serve.app import GRPC_SERVICER, build_app
 from serve.openai_api import chat_prompt, ChatMessage
 from tests.conftest import build_model, tiny_config
 from train.data import prepare_corpus
@@ -33,11 +35,13 @@ def server(tmp_path_factory):
     cfg = tiny_config("tiny")
     model = build_model(cfg, seed=1234)
     ckpt = save_checkpoint(root / "ckpt", cfg, model.state_dict(), tokenizer_file=manifest.tokenizer_path)
-    port = free_port("127.0.0.1")
+    port, grpc_port = free_port("127.0.0.1"), free_port("127.0.0.1")
     ray.init(address="local", num_cpus=6, include_dashboard=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port},
+                grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]})
     serve.run(build_app({"checkpoint": str(ckpt), "num_shards": 2}), name="moray", route_prefix="/")
-    yield {"url": f"http://127.0.0.1:{port}", "model": model, "tok": Tokenizer.load(manifest.tokenizer_path)}
+    yield {"url": f"http://127.0.0.1:{port}", "grpc": f"127.0.0.1:{grpc_port}", "model": model,
+           "tok": Tokenizer.load(manifest.tokenizer_path)}
     serve.shutdown()
     ray.shutdown()
 
@@ -177,3 +181,19 @@ def test_a_client_that_disconnects_frees_its_slot(server):
         time.sleep(0.2)
     stats = model_stats()
     assert stats["running"] == 0 and stats["waiting"] == 0
+
+
+def test_grpc_unary_and_streaming_equal_single_process(server):
+    stub = moray_pb2_grpc.MorayGenerateStub(grpc.insecure_channel(server["grpc"]))
+    meta = (("application", "moray"),)
+    prompt = PROMPTS[0]
+    ids = server["tok"].encode(prompt)
+    text, out = expected_text(server, ids, SamplingParams(max_new_tokens=10, stop_tokens=(server["tok"].eos_id,)))
+    reply = stub.Generate(moray_pb2.GenerateRequest(prompt=prompt, max_tokens=10), metadata=meta, timeout=60)
+    assert reply.text == text and reply.prompt_tokens == len(ids) and reply.completion_tokens == len(out)
+    chunks = list(stub.GenerateStream(moray_pb2.GenerateRequest(prompt_ids=ids, max_tokens=10), metadata=meta,
+                                      timeout=60))
+    assert "".join(c.text for c in chunks) == text and chunks[-1].finish_reason in ("stop", "length")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(moray_pb2.GenerateRequest(prompt=prompt, max_tokens=5000), metadata=meta, timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "context" in err.value.details()
