@@ -106,7 +106,7 @@ def test_killed_worker_resumes_from_checkpoint_on_the_same_curve(env):
 
 def _checkpoint_at(env, name: str, step: int) -> str:
     run_dir = env[0] / "runs" / name
-    for ckpt in run_dir.glob("checkpoint_*"):
+    for ckpt in (p for p in run_dir.glob("checkpoint_*") if p.is_dir()):  # Ray Train keeps a snapshot file beside
         if json.loads((ckpt / "train_state.json").read_text())["step"] == step:
             return str(ckpt)
     raise AssertionError(f"no checkpoint of step {step} in {run_dir}")
