@@ -30,6 +30,7 @@ import torch.distributed as dist  # noqa: E402
 
 from actors.transport import Rendezvous, join_group, router_dispatch, shard_serve_layer  # noqa: E402
 from cluster.config import load_config  # noqa: E402
+from timing import cuda_times  # noqa: E402  (benchmarks/timing.py)
 
 
 @ray.remote(num_gpus=1)
@@ -48,19 +49,7 @@ class Peer:
         dist.barrier(device_ids=[0])
 
     def _time(self, fn, iters: int, warmup: int) -> list[float]:
-        for _ in range(warmup):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(iters):
-            dist.barrier(device_ids=[0])
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return times
+        return cuda_times(fn, iters, warmup, before=lambda: dist.barrier(device_ids=[0]))
 
     def raw(self, rows: int, dim: int, iters: int, warmup: int) -> list[float]:
         x = torch.randn(rows if self.rank == 0 else 0, dim, device=self.device, dtype=torch.bfloat16)

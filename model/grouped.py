@@ -22,18 +22,38 @@ def _native_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32
 
 
+def _check_impl(impl: str) -> None:
+    if impl not in ("auto", "native", "loop"):
+        raise ValueError(f"grouped_mm impl must be auto, native or loop, got {impl!r}")
+
+
+def _use_native(x: torch.Tensor, w: torch.Tensor, impl: str) -> bool:
+    return impl == "native" or (impl == "auto" and _native_supported(x, w))
+
+
 def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """Rows of x sorted by expert (counts_E rows each) times their expert's weight: [M, N].
 
     impl: "auto" picks the native kernel where it runs, "native" forces it, "loop" forces the
     per-expert loop.
     """
-    if impl not in ("auto", "native", "loop"):
-        raise ValueError(f"grouped_mm impl must be auto, native or loop, got {impl!r}")
-    use_native = impl == "native" or (impl == "auto" and _native_supported(x_MK, w_EKN))
-    if use_native and x_MK.shape[0] > 0:
+    _check_impl(impl)
+    if _use_native(x_MK, w_EKN, impl) and x_MK.shape[0] > 0:
         offsets = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
         return torch._grouped_mm(x_MK, w_EKN, offs=offsets)
     blocks = torch.split(x_MK, counts_E.tolist(), dim=0)
     outs = [block @ w_EKN[e] for e, block in enumerate(blocks)]
     return torch.cat(outs, dim=0) if outs else x_MK.new_zeros(0, w_EKN.shape[-1])
+
+
+def grouped_mm_weight_grad(x_MK: torch.Tensor, dy_MN: torch.Tensor, counts_E: torch.Tensor,
+                           impl: str = "auto") -> torch.Tensor:
+    """Per expert, its block of x transposed times its block of dy: the weight gradient [E, K, N]
+    of `grouped_mm`, in one kernel (the groups split the reduction dimension)."""
+    _check_impl(impl)
+    if _use_native(x_MK, dy_MN, impl) and x_MK.shape[0] > 0:
+        offsets = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+        return torch._grouped_mm(x_MK.t(), dy_MN, offs=offsets)
+    blocks = zip(torch.split(x_MK, counts_E.tolist()), torch.split(dy_MN, counts_E.tolist()))
+    return torch.stack([a.t() @ b for a, b in blocks]) if counts_E.numel() else \
+        x_MK.new_zeros(0, x_MK.shape[1], dy_MN.shape[1])

@@ -3,29 +3,22 @@
 The layer is split into pure steps so the expert-parallel runtime can put a network between
 them: `route` (gate scores -> top-k experts and weights), `permute` (sort token copies by
 expert, returning a frozen `Dispatch`), `RoutedExperts` (grouped matmuls over sorted rows) and
-`unpermute` (weighted scatter-add back to tokens). Permutation is a sort + gather, never a
+`unpermute` (each token's weighted sum of its rows). Permutation is a sort + gather, never a
 dense [tokens, experts] one-hot.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.config import MoEConfig
+from model.dispatch import Dispatch, Routing, permute, unpermute
+from model.expert_ffn import expert_swiglu
 from model.grouped import grouped_mm
 from model.layers import SwiGLU
-
-
-@dataclass(frozen=True)
-class Routing:
-    weights: torch.Tensor  # [N, K] combine weights (unbiased scores)
-    experts: torch.Tensor  # [N, K] chosen expert ids
-    scores: torch.Tensor  # [N, E] unbiased scores, for the auxiliary loss
 
 
 def route(logits_NE: torch.Tensor, bias_E: torch.Tensor | None, cfg: MoEConfig) -> Routing:
@@ -47,50 +40,10 @@ def route(logits_NE: torch.Tensor, bias_E: torch.Tensor | None, cfg: MoEConfig) 
     return Routing(weights=weights * cfg.routed_scaling_factor, experts=experts, scores=scores)
 
 
-@dataclass(frozen=True)
-class Dispatch:
-    """How token copies were ordered for the experts; `unpermute` takes it back."""
-
-    token_index: torch.Tensor  # [M] source token of each sorted row
-    weights: torch.Tensor  # [M] combine weight of each sorted row
-    counts: torch.Tensor  # [E] rows per expert after any capacity drop
-    dropped: int  # (token, expert) pairs dropped by the capacity limit
-
-
 def expert_capacity(n_tokens: int, cfg: MoEConfig) -> int | None:
     if cfg.capacity_factor <= 0:
         return None
     return math.ceil(cfg.capacity_factor * n_tokens * cfg.top_k / cfg.n_routed_experts)
-
-
-def permute(routing: Routing, n_experts: int, capacity: int | None = None) -> Dispatch:
-    """Sort (token, expert) pairs by expert, keeping token order within each expert.
-
-    With a capacity, each expert keeps its first `capacity` tokens in token order and the rest
-    are dropped (they pass through the residual only), as in GShard/Switch.
-    """
-    K = routing.experts.shape[1]
-    flat_experts = routing.experts.reshape(-1)
-    order = torch.argsort(flat_experts, stable=True)
-    counts = torch.bincount(flat_experts, minlength=n_experts)
-    token_index = order // K
-    weights = routing.weights.reshape(-1)[order]
-    dropped = 0
-    if capacity is not None:
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(order.numel(), device=order.device) - starts[flat_experts[order]]
-        keep = rank < capacity
-        dropped = int((~keep).sum())
-        token_index, weights = token_index[keep], weights[keep]
-        counts = counts.clamp(max=capacity)
-    return Dispatch(token_index=token_index, weights=weights, counts=counts, dropped=dropped)
-
-
-def unpermute(y_MD: torch.Tensor, dispatch: Dispatch, n_tokens: int) -> torch.Tensor:
-    """Weighted sum of each token's expert outputs: [n_tokens, D]."""
-    out = y_MD.new_zeros(n_tokens, y_MD.shape[-1])
-    weighted = y_MD * dispatch.weights[:, None].to(y_MD.dtype)
-    return out.index_add_(0, dispatch.token_index, weighted)
 
 
 class RoutedExperts(nn.Module):
@@ -108,6 +61,14 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         """Rows of x sorted by expert, counts_E rows per expert of this stack."""
+        return expert_swiglu(x_MD, self.w_gate, self.w_up, self.w_down, counts_E, impl=impl)
+
+    def combine(self, x_ND: torch.Tensor, dispatch: Dispatch, impl: str = "auto") -> torch.Tensor:
+        """Gather, experts and weighted combine in one step: each token's output [N, D]."""
+        return expert_swiglu(x_ND, self.w_gate, self.w_up, self.w_down, dispatch.counts, dispatch, impl)
+
+    def reference(self, x_MD: torch.Tensor, counts_E: torch.Tensor, impl: str = "loop") -> torch.Tensor:
+        """The plain autograd composition: the definition the fused step is checked against."""
         h = F.silu(grouped_mm(x_MD, self.w_gate, counts_E, impl)) * grouped_mm(x_MD, self.w_up, counts_E, impl)
         return grouped_mm(h, self.w_down, counts_E, impl)
 
@@ -155,8 +116,10 @@ class MoE(nn.Module):
         x_ND = x.reshape(-1, D) if valid is None else x[valid]
         routing = self.gate_route(x_ND)
         dispatch = permute(routing, self.cfg.n_routed_experts, expert_capacity(x_ND.shape[0], self.cfg))
-        y = self.experts(x_ND[dispatch.token_index], dispatch.counts)
-        out_ND = unpermute(y, dispatch, x_ND.shape[0])
+        if isinstance(self.experts, RoutedExperts):
+            out_ND = self.experts.combine(x_ND, dispatch)
+        else:  # experts elsewhere (shards, expert-parallel ranks): rows travel, then combine here
+            out_ND = unpermute(self.experts(x_ND[dispatch.token_index], dispatch.counts), dispatch)
         if self.shared is not None:
             out_ND = out_ND + self.shared(x_ND)
         aux = None

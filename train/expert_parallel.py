@@ -14,13 +14,14 @@ expert-data-parallel group only and writes them as expert checkpoint files.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import nn
 
-from model.grouped import grouped_mm
+from model.expert_ffn import expert_swiglu
 from model.moe import MoE, RoutedExperts
 from model.transformer import Transformer
 
@@ -94,28 +95,44 @@ class ExpertParallelExperts(DeepSpeedMoE):
         return tuple(torch.stack([getattr(e, name) for e in experts]) for name in ("w_gate", "w_up", "w_down"))
 
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-        P, El = self.ep_size, self.num_local_experts
-        group = self.deepspeed_moe.ep_group
         w_gate, w_up, w_down = self.local_stacks()
-        if P == 1:
-            h = F.silu(grouped_mm(x_MD, w_gate, counts_E, impl)) * grouped_mm(x_MD, w_up, counts_E, impl)
-            return grouped_mm(h, w_down, counts_E, impl)
-        # rows arrive sorted by global expert id, and rank p owns a contiguous block of ids
-        recv_counts = torch.empty_like(counts_E)
-        dist.all_to_all_single(recv_counts, counts_E.contiguous(), group=group)
-        counts_PE = recv_counts.view(P, El)  # rows from source p for local expert j
-        in_splits = counts_E.view(P, El).sum(1).tolist()
-        out_splits = counts_PE.sum(1).tolist()
-        rows = all_to_all(x_MD, out_splits, in_splits, group)
-        # received rows are ordered (source, local expert); the grouped product wants (expert, source)
-        index = _source_major_to_expert_major(counts_PE)
-        local_counts = counts_PE.sum(0)
-        sorted_rows = rows[index]
-        h = F.silu(grouped_mm(sorted_rows, w_gate, local_counts, impl)) * grouped_mm(sorted_rows, w_up, local_counts,
-                                                                                       impl)
-        y_sorted = grouped_mm(h, w_down, local_counts, impl)
-        y = torch.empty_like(y_sorted).index_copy(0, index, y_sorted)
-        return all_to_all(y, in_splits, out_splits, group)
+        if self.ep_size == 1:
+            return expert_swiglu(x_MD, w_gate, w_up, w_down, counts_E, impl=impl)
+        group = self.deepspeed_moe.ep_group
+        rows, exchange = ep_dispatch(x_MD, counts_E, self.ep_size, group)
+        y = expert_swiglu(rows, w_gate, w_up, w_down, exchange.local_counts, impl=impl)
+        return ep_combine(y, exchange, group)
+
+
+@dataclass(frozen=True)
+class EPExchange:
+    """What `ep_dispatch` did, for `ep_combine` to undo: no state kept between the two."""
+
+    in_splits: list[int]  # rows this rank sent to each rank
+    out_splits: list[int]  # rows this rank received from each rank
+    index: torch.Tensor  # received (source, expert) order -> expert-major order
+    local_counts: torch.Tensor  # rows per local expert, all sources together
+
+
+def ep_dispatch(x_MD: torch.Tensor, counts_E: torch.Tensor, ep_size: int, group) -> tuple[torch.Tensor, EPExchange]:
+    """Send rows sorted by global expert to the ranks owning them (rank p owns a contiguous block
+    of ids); returns the rows this rank's experts must compute, sorted by local expert."""
+    P, El = ep_size, counts_E.numel() // ep_size
+    recv_counts = torch.empty_like(counts_E)
+    dist.all_to_all_single(recv_counts, counts_E.contiguous(), group=group)
+    counts_PE = recv_counts.view(P, El)  # rows from source p for local expert j
+    in_splits = counts_E.view(P, El).sum(1).tolist()
+    out_splits = counts_PE.sum(1).tolist()
+    rows = all_to_all(x_MD, out_splits, in_splits, group)
+    # received rows are ordered (source, local expert); the grouped product wants (expert, source)
+    index = _source_major_to_expert_major(counts_PE)
+    return rows[index], EPExchange(in_splits, out_splits, index, counts_PE.sum(0))
+
+
+def ep_combine(y_sorted: torch.Tensor, exchange: EPExchange, group) -> torch.Tensor:
+    """Send the experts' outputs back to the ranks their rows came from, in their original order."""
+    y = torch.empty_like(y_sorted).index_copy(0, exchange.index, y_sorted)
+    return all_to_all(y, exchange.in_splits, exchange.out_splits, group)
 
 
 def _source_major_to_expert_major(counts_PE: torch.Tensor) -> torch.Tensor:

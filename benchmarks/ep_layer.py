@@ -1,0 +1,188 @@
+"""One MoE layer expert-parallel over 2 devices against 1 device and against raw all-to-all.
+
+Two Ray actors (one GPU each, NCCL; or `--cpu`, gloo, for a functional check) build the same
+layer from one seed. Each rank gets its own `--tokens` tokens (the same per-device count as the
+one-device baseline) and runs forward+backward of the whole moray layer (gate, top-k, sort
+permutation, `train/expert_parallel.py`'s all-to-all dispatch, this rank's half of the experts
+as fused grouped GEMMs, combine, shared experts). Timed in the same run:
+
+  one device  rank 0 alone with every expert local, same tokens (rank 1 waits)
+  two devices both ranks, experts split: throughput ratio = 2 x (one-device time) / (two-device time)
+  moray comm  `ep_dispatch` + `ep_combine` with the expert computation replaced by the identity,
+              forward and backward (counts exchange, host split sizes, rows out and back, both ways)
+  raw comm    the same four `all_to_all_single` calls with the splits known in advance
+
+Each rank checks its expert-parallel output against the one-device layer on its own tokens.
+
+Run: python3 benchmarks/ep_layer.py --shape v2-lite --tokens 4096 8192 16384
+     python3 benchmarks/ep_layer.py --cpu --shape tiny --tokens 256     (gloo, a functional check)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from actors.transport import Rendezvous, join_group  # noqa: E402
+from model.config import MoEConfig  # noqa: E402
+from model.moe import MoE  # noqa: E402
+from timing import cuda_times  # noqa: E402  (benchmarks/timing.py)
+from train.expert_parallel import ExpertParallelExperts, ep_combine, ep_dispatch  # noqa: E402
+
+SHAPES = {
+    "v2-lite": (2048, dict(n_routed_experts=64, moe_inter_dim=1408, n_shared_experts=2, top_k=6)),
+    "tiny": (64, dict(n_routed_experts=8, moe_inter_dim=32, n_shared_experts=1, top_k=2)),
+}
+
+
+class Rank:
+    def __init__(self, cpu: bool):
+        self.device = torch.device("cpu") if cpu else torch.device("cuda", 0)
+        self.dtype = torch.float32 if cpu else torch.bfloat16
+        self.rendezvous = None
+
+    def open(self, backend: str) -> object:
+        self.rendezvous = Rendezvous(ray.util.get_node_ip_address(), 2, backend, 300.0, 1)
+        return self.rendezvous.spec
+
+    def join(self, spec, rank: int) -> None:
+        join_group(spec, rank, self.rendezvous.store if rank == 0 else None)
+        self.rank = rank
+
+    def barrier(self) -> None:
+        dist.barrier(device_ids=[0]) if self.device.type == "cuda" else dist.barrier()
+
+    def build(self, shape: str, seed: int) -> None:
+        dim, moe_cfg = SHAPES[shape]
+        cfg = MoEConfig(**moe_cfg, bias_balancing=False)
+        torch.manual_seed(seed)
+        full = MoE(dim, cfg)
+        for p in full.parameters():
+            p.data.normal_(0, dim**-0.5)
+        self.full = full.to(self.device, self.dtype)
+        self.ep = copy.deepcopy(self.full)
+        self.ep.experts = ExpertParallelExperts(self.ep.experts, 2, self.rank)
+        self.ep.experts.deepspeed_moe._set_ep_group(dist.group.WORLD)
+        self.dim, self.cfg = dim, cfg
+
+    def _tokens(self, n: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed * 2 + self.rank)
+        return torch.randn(n, self.dim, generator=g).to(self.device, self.dtype)
+
+    def _timed(self, fn, iters: int) -> float:
+        if self.device.type == "cuda":
+            return statistics.median(cuda_times(fn, iters, 3, before=self.barrier))
+        times = []
+        for _ in range(iters):
+            self.barrier()
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def run(self, tokens: int, iters: int, seed: int) -> dict:
+        x = self._tokens(tokens, seed).requires_grad_()
+        dout = torch.randn_like(x)
+
+        def step(layer):
+            def go():
+                layer.zero_grad(set_to_none=True)
+                layer(x[None])[0].backward(dout[None])
+            return go
+
+        with torch.no_grad():
+            expected, ours = self.full(x[None])[0], self.ep(x[None])[0]
+        err = float((ours.float() - expected.float()).norm() / expected.float().norm())
+        one = self._timed(step(self.full), iters) if self.rank == 0 else None
+        if self.rank == 1:  # meet rank 0's barriers while it times the one-device layer
+            for _ in range(iters):
+                self.barrier()
+        two = self._timed(step(self.ep), iters)
+
+        # communication alone: the layer's rows, with the expert computation as the identity
+        M = tokens * self.cfg.top_k
+        counts = torch.bincount(torch.randint(0, self.cfg.n_routed_experts, (M,)), minlength=self.cfg.n_routed_experts)
+        rows = torch.randn(M, self.dim, device=self.device, dtype=self.dtype, requires_grad=True)
+        counts = counts.to(self.device)
+        group = dist.group.WORLD
+
+        def moray_comm():
+            sent, exchange = ep_dispatch(rows, counts, 2, group)
+            ep_combine(sent, exchange, group).backward(rows.detach())
+
+        in_splits = counts.view(2, -1).sum(1).tolist()
+        peer_splits = [torch.zeros(2, dtype=torch.long, device=self.device) for _ in range(2)]
+        dist.all_gather(peer_splits, torch.tensor(in_splits, device=self.device))
+        out_splits = [int(peer_splits[p][self.rank]) for p in range(2)]
+        recv = torch.empty(sum(out_splits), self.dim, device=self.device, dtype=self.dtype)
+        back = torch.empty_like(rows)
+
+        def raw_comm():
+            for _ in range(2):  # forward, then backward: out and back each time
+                dist.all_to_all_single(recv, rows.detach(), out_splits, in_splits)
+                dist.all_to_all_single(back, recv, in_splits, out_splits)
+
+        return {"rank": self.rank, "rel_err": err, "one_s": one, "two_s": two,
+                "moray_comm_s": self._timed(moray_comm, iters), "raw_comm_s": self._timed(raw_comm, iters),
+                "bytes_per_direction": M * self.dim * x.element_size()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="v2-lite", choices=sorted(SHAPES))
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384])
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--cpu", action="store_true", help="gloo on CPU: checks that it runs and agrees")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    ray.init(include_dashboard=False)
+    actor = ray.remote(num_cpus=1 if args.cpu else 0, num_gpus=0 if args.cpu else 1)(Rank)
+    ranks = [actor.remote(args.cpu) for _ in range(2)]
+    spec = ray.get(ranks[0].open.remote("gloo" if args.cpu else "nccl"))
+    ray.get([r.join.remote(spec, i) for i, r in enumerate(ranks)])
+    ray.get([r.build.remote(args.shape, 1) for r in ranks])
+    tol = 1e-5 if args.cpu else 1e-2
+    rows = []
+    for tokens in args.tokens:
+        r0, r1 = ray.get([r.run.remote(tokens, args.iters, tokens) for r in ranks])
+        row = {"tokens_per_device": tokens, "one_device_ms": r0["one_s"] * 1e3,
+               "two_devices_ms": max(r0["two_s"], r1["two_s"]) * 1e3,
+               "throughput_ratio": 2 * r0["one_s"] / max(r0["two_s"], r1["two_s"]),
+               "moray_comm_ms": max(r0["moray_comm_s"], r1["moray_comm_s"]) * 1e3,
+               "raw_comm_ms": max(r0["raw_comm_s"], r1["raw_comm_s"]) * 1e3,
+               "rel_err": max(r0["rel_err"], r1["rel_err"]), "mb_per_direction": r0["bytes_per_direction"] / 1e6}
+        row["comm_raw_over_moray"] = row["raw_comm_ms"] / row["moray_comm_ms"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if row["rel_err"] > tol:
+            raise SystemExit(f"expert-parallel output differs from one device: relative error {row['rel_err']:.2e}")
+    meta = {"date": datetime.date.today().isoformat(), "shape": args.shape, "torch": torch.__version__,
+            "device": "cpu (gloo)" if args.cpu else ray.get(ranks[0].__ray_call__.remote(
+                lambda self: torch.cuda.get_device_name(0)))}
+    print(json.dumps(meta))
+    print(f"{'tokens/dev':>10} {'1 dev ms':>9} {'2 dev ms':>9} {'x thru':>6} {'moray comm':>10} {'raw comm':>9} "
+          f"{'raw/moray':>9} {'err':>8}")
+    for r in rows:
+        print(f"{r['tokens_per_device']:>10} {r['one_device_ms']:>9.2f} {r['two_devices_ms']:>9.2f} "
+              f"{r['throughput_ratio']:>6.2f} {r['moray_comm_ms']:>10.2f} {r['raw_comm_ms']:>9.2f} "
+              f"{r['comm_raw_over_moray']:>9.2f} {r['rel_err']:>8.1e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

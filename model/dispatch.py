@@ -1,0 +1,84 @@
+"""Token permutation for the experts: sort token copies by expert, and take them back.
+
+`permute` turns a routing (top-k experts and weights per token) into a frozen `Dispatch`: the
+copies sorted by expert (a sort + gather, never a dense [tokens, experts] one-hot), rows per
+expert, and for each token the sorted rows of its k copies. `unpermute` is the way back: each
+token's weighted sum of its rows, by gathering them, so there are no atomics and the summation
+order is fixed. Expert-parallel code sends the sorted rows over the network in between.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.swiglu_kernels import HAVE_TRITON, gather_weighted_sum
+
+
+@dataclass(frozen=True)
+class Routing:
+    weights: torch.Tensor  # [N, K] combine weights (unbiased scores)
+    experts: torch.Tensor  # [N, K] chosen expert ids
+    scores: torch.Tensor  # [N, E] unbiased scores, for the auxiliary loss
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """How token copies were ordered for the experts; `unpermute` takes it back."""
+
+    token_index: torch.Tensor  # [M] source token of each sorted row
+    weights: torch.Tensor  # [M] combine weight of each sorted row
+    counts: torch.Tensor  # [E] rows per expert after any capacity drop
+    dropped: int  # (token, expert) pairs dropped by the capacity limit
+    slots: torch.Tensor  # [N, K] sorted row of each token's k-th choice; a dropped one points at row M
+    slot_weights: torch.Tensor  # [N, K] combine weights in token order (the routing's, gradients flow)
+
+
+def permute(routing: Routing, n_experts: int, capacity: int | None = None) -> Dispatch:
+    """Sort (token, expert) pairs by expert, keeping token order within each expert.
+
+    With a capacity, each expert keeps its first `capacity` tokens in token order and the rest
+    are dropped (they pass through the residual only), as in GShard/Switch.
+    """
+    N, K = routing.experts.shape
+    flat_experts = routing.experts.reshape(-1)
+    order = torch.argsort(flat_experts, stable=True)
+    counts = torch.bincount(flat_experts, minlength=n_experts)
+    positions = torch.arange(order.numel(), device=order.device)
+    row_of_pair = torch.empty_like(order).index_copy_(0, order, positions)
+    token_index = order // K
+    weights = routing.weights.reshape(-1)[order]
+    dropped = 0
+    if capacity is not None:
+        starts = torch.cumsum(counts, 0) - counts
+        keep = positions - starts[flat_experts[order]] < capacity
+        n_kept = int(keep.sum())
+        dropped = order.numel() - n_kept
+        row_of_pair = torch.where(keep, torch.cumsum(keep, 0) - 1, n_kept)[row_of_pair]
+        token_index, weights = token_index[keep], weights[keep]
+        counts = counts.clamp(max=capacity)
+    return Dispatch(token_index=token_index, weights=weights, counts=counts, dropped=dropped,
+                    slots=row_of_pair.view(N, K), slot_weights=routing.weights)
+
+
+def unpermute(y_MD: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+    """Weighted sum of each token's expert outputs [N, D]: a gather of its K rows and a K-long
+    dot product per token, so no atomics and a fixed summation order (deterministic)."""
+    return slot_sum(y_MD, dispatch.slots, dispatch.slot_weights, dispatch.dropped > 0)
+
+
+def slot_sum(rows_MD: torch.Tensor, slots_NK: torch.Tensor, weights_NK: torch.Tensor | None,
+             padded: bool) -> torch.Tensor:
+    """sum_k weights[n, k] * rows[slots[n, k]] (plain sum without weights); with `padded`, slot M is
+    a zero row (a copy the capacity limit dropped)."""
+    differentiable = torch.is_grad_enabled() and (rows_MD.requires_grad or
+                                                   (weights_NK is not None and weights_NK.requires_grad))
+    if not differentiable and rows_MD.is_cuda and HAVE_TRITON:
+        return gather_weighted_sum(rows_MD, slots_NK, weights_NK)
+    if padded:
+        rows_MD = torch.cat([rows_MD, rows_MD.new_zeros(1, rows_MD.shape[1])])
+    gathered = rows_MD[slots_NK]  # [N, K, D]
+    if weights_NK is None:
+        return gathered.sum(1)
+    return torch.bmm(weights_NK.to(rows_MD.dtype).unsqueeze(1), gathered).squeeze(1)

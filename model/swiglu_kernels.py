@@ -1,0 +1,124 @@
+"""The expert step's memory-bound work as single-pass GPU kernels: SwiGLU forward and backward,
+and the gather + weighted sum that combines each token's expert rows.
+
+In plain PyTorch, silu(g) * u and its backward make several full-size temporaries and passes,
+and the combine materializes every token's K rows before summing them; on a GPU with Triton
+each is one kernel that reads its inputs once and writes its outputs once, which is both the
+time and the peak memory of the expert step outside its matmuls. Elsewhere (CPU, no Triton)
+callers use the PyTorch ops; both give the same values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU build of torch comes without Triton
+    triton = None
+HAVE_TRITON = triton is not None
+
+
+def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u."""
+    if _use_triton(g):
+        h = torch.empty_like(g)
+        n = g.numel()
+        _swiglu_fwd_kernel[(triton.cdiv(n, 4096),)](g, u, h, n, BLOCK=4096)
+        return h
+    return F.silu(g) * u
+
+
+def swiglu_backward(dz: torch.Tensor, g: torch.Tensor, u: torch.Tensor, row_weights: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Given dz = d(loss)/d(h) before each row's combine weight w, returns (dg, du, h, d_w):
+    the gradients of g and u (times w), h = silu(g) * u recomputed, and d_w = <dz, h> per row
+    (None without row weights). dz's storage is reused for dg."""
+    if _use_triton(dz):
+        M, F_ = dz.shape
+        du, h = torch.empty_like(dz), torch.empty_like(dz)
+        d_w = torch.empty(M, dtype=torch.float32, device=dz.device) if row_weights is not None else None
+        if M:
+            _swiglu_bwd_kernel[(M,)](dz, g, u, h, du, row_weights if row_weights is not None else dz, d_w if d_w is not None else dz,
+                                     F_, HAS_W=row_weights is not None, BLOCK=1024)
+        return dz, du, h, d_w
+    sig = torch.sigmoid(g)
+    silu_g = g * sig
+    h = silu_g * u
+    d_w = None
+    if row_weights is not None:
+        d_w = (dz.float() * h.float()).sum(-1)
+        dz.mul_(row_weights[:, None].to(dz.dtype))
+    du = dz * silu_g
+    dg = dz.mul_(u).mul_(sig * (1 + g * (1 - sig)))
+    return dg, du, h, d_w
+
+
+def gather_weighted_sum(rows_MD: torch.Tensor, slots_NK: torch.Tensor, weights_NK: torch.Tensor | None
+                        ) -> torch.Tensor:
+    """out[n] = sum_k weights[n, k] * rows[slots[n, k]] on the GPU, reading each row once; a slot
+    equal to M (a dropped copy) adds nothing. No autograd."""
+    N, K = slots_NK.shape
+    M, D = rows_MD.shape
+    rows_MD, slots_NK = rows_MD.contiguous(), slots_NK.contiguous()
+    out = torch.empty(N, D, dtype=rows_MD.dtype, device=rows_MD.device)
+    if N:
+        weights = weights_NK.contiguous() if weights_NK is not None else slots_NK
+        _gather_sum_kernel[(N, triton.cdiv(D, 1024))](rows_MD, slots_NK, weights, out, M, D, K=K,
+                                                      HAS_W=weights_NK is not None, BLOCK=1024)
+    return out
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return triton is not None and t.is_cuda and t.is_contiguous()
+
+
+if triton is not None:
+    @triton.jit
+    def _swiglu_fwd_kernel(g_ptr, u_ptr, h_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+        u = tl.load(u_ptr + offs, mask=mask).to(tl.float32)
+        tl.store(h_ptr + offs, (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd_kernel(dz_ptr, g_ptr, u_ptr, h_ptr, du_ptr, w_ptr, dw_ptr, F, HAS_W: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = row * F
+        w = tl.load(w_ptr + row).to(tl.float32) if HAS_W else 1.0
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, F, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < F
+            dz = tl.load(dz_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(g)
+            silu = g * sig
+            h = silu * u
+            acc += dz * h
+            dz = dz * w
+            tl.store(h_ptr + base + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
+            tl.store(du_ptr + base + offs, (dz * silu).to(du_ptr.dtype.element_ty), mask=mask)
+            tl.store(dz_ptr + base + offs, (dz * u * sig * (1 + g * (1 - sig))).to(dz_ptr.dtype.element_ty),
+                     mask=mask)
+        if HAS_W:
+            tl.store(dw_ptr + row, tl.sum(acc, axis=0))
+
+    @triton.jit
+    def _gather_sum_kernel(rows_ptr, slots_ptr, w_ptr, out_ptr, M, D, K: tl.constexpr, HAS_W: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        n = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < D
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in tl.static_range(K):
+            row = tl.load(slots_ptr + n * K + k).to(tl.int64)
+            w = tl.load(w_ptr + n * K + k).to(tl.float32) if HAS_W else 1.0
+            vals = tl.load(rows_ptr + row * D + offs, mask=mask & (row < M), other=0.0).to(tl.float32)
+            acc += w * vals
+        tl.store(out_ptr + n * D + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
