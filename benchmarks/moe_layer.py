@@ -16,7 +16,8 @@ TFLOP/s counts the three expert matmuls only (2*M*D*F each, M = tokens * k). The
 times the routing (gate + top-k + permutation), the expert GEMMs alone and the shared experts.
 Memory: activation bytes kept between forward and backward, and the peak over forward+backward
 less the weight gradients, both against what the layer must hold at least (its input and output
-[N, D] and the two [M, F] projections backward needs).
+[N, D], and the two projections backward needs: [M, F] for the routed experts, [N, F_shared] for
+the shared ones).
 
 Every case checks moray's fused expert step against an fp32 per-expert loop on the same inputs and
 routing (relative error of the output and of the input and weight gradients <= 1e-2).
@@ -39,7 +40,6 @@ import torch
 import torch.nn.functional as F
 
 from model.config import MoEConfig
-from model.layers import SwiGLU
 from model.moe import MoE, permute, route, unpermute
 from timing import cuda_times  # benchmarks/timing.py
 
@@ -166,20 +166,33 @@ def measure_memory(layer_fn, x: torch.Tensor, dout: torch.Tensor, moe: MoE, rows
     del out
     weight_grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
     peak = torch.cuda.max_memory_allocated() - base - weight_grads + x.numel() * x.element_size()
-    required = 2 * x.numel() * x.element_size() + 2 * rows * moe.cfg.moe_inter_dim * x.element_size()
+    shared_width = moe.cfg.n_shared_experts * moe.cfg.moe_inter_dim
+    required = (2 * x.numel() + 2 * rows * moe.cfg.moe_inter_dim + 2 * x.shape[0] * shared_width) * x.element_size()
     return Memory(kept / 1e9, peak / 1e9, required / 1e9)
 
 
+class StockExpert(torch.nn.Module):
+    """The expert a DeepSpeed user hands to its MoE layer: a plain SwiGLU MLP, plain autograd."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w_gate, self.w_up = torch.nn.Linear(dim, inter_dim, bias=False), torch.nn.Linear(dim, inter_dim, bias=False)
+        self.w_down = torch.nn.Linear(inter_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
 def deepspeed_layer(dim: int, cfg: MoEConfig):
-    """The stock layer with the same experts' shape and k, dropless; None if it cannot be built."""
+    """The stock layer with the same experts' shape and k, dropless, plain experts."""
     import deepspeed.comm
     from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl", verbose=False)
-    layer = DeepSpeedMoE(dim, SwiGLU(dim, cfg.moe_inter_dim), num_experts=cfg.n_routed_experts, ep_size=1,
+    layer = DeepSpeedMoE(dim, StockExpert(dim, cfg.moe_inter_dim), num_experts=cfg.n_routed_experts, ep_size=1,
                          k=cfg.top_k, drop_tokens=False, use_rts=False).cuda().to(torch.bfloat16)
-    shared = SwiGLU(dim, cfg.n_shared_experts * cfg.moe_inter_dim).cuda().to(torch.bfloat16)
+    shared = StockExpert(dim, cfg.n_shared_experts * cfg.moe_inter_dim).cuda().to(torch.bfloat16)
     return (lambda x: layer(x)[0] + shared(x)), list(layer.parameters()) + list(shared.parameters())
 
 

@@ -68,8 +68,9 @@ class _ExpertSwiGLU(torch.autograd.Function):
 
 
 def expert_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                  counts_E: torch.Tensor, dispatch: Dispatch | None = None, impl: str = "auto") -> torch.Tensor:
-    """silu(x W_gate) * (x W_up) W_down per expert block of rows.
+                  counts_E: torch.Tensor | None, dispatch: Dispatch | None = None, impl: str = "auto") -> torch.Tensor:
+    """silu(x W_gate) * (x W_up) W_down per expert block of rows (counts_E None: one expert, all rows,
+    as the dense FFN and the shared experts are).
 
     Rows to rows ([M, D] sorted by expert -> [M, D]) without a dispatch; with one, x is the
     tokens [N, D] and the result is each token's weighted sum of its rows' outputs [N, D]

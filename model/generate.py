@@ -59,6 +59,16 @@ def sample_token(logits_V: torch.Tensor, params: SamplingParams, generator: torc
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
+def sample_tokens(logits_BV: torch.Tensor, seqs: list["Sequence"]) -> list[int]:
+    """One token per row: the greedy rows by one argmax and one device->host copy together,
+    the sampling rows one by one with their own generators."""
+    out = logits_BV.argmax(-1).tolist()
+    for i, seq in enumerate(seqs):
+        if seq.params.temperature != 0:
+            out[i] = sample_token(logits_BV[i], seq.params, seq.generator)
+    return out
+
+
 def _generator(params: SamplingParams) -> torch.Generator | None:
     if params.temperature == 0:
         return None
@@ -146,18 +156,16 @@ class ContinuousBatcher:
         if not batch:
             return []
         rows = [seq.pending_tokens() for seq in batch]
-        lengths = torch.tensor([len(r) for r in rows], device=self.device)
-        tokens = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long, device=self.device)
-        for i, r in enumerate(rows):
-            tokens[i, : len(r)] = torch.tensor(r, device=self.device)
-        layout = StepLayout.build(len(batch), tokens.shape[1], self.device,
-                                  start_pos=torch.tensor([s.cached for s in batch], device=self.device),
-                                  lengths=lengths, slots=torch.tensor([s.slot for s in batch], device=self.device))
+        # built on the host and copied over once each: no per-row device round trips
+        width = max(len(r) for r in rows)
+        tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long).to(self.device)
+        lengths, start_pos, slots = torch.tensor([[len(r) for r in rows], [s.cached for s in batch],
+                                                  [s.slot for s in batch]]).to(self.device)
+        layout = StepLayout.build(len(batch), width, self.device, start_pos=start_pos, lengths=lengths, slots=slots)
         logits = self.step_fn(tokens, layout, self.caches, lengths - 1)
         finished = []
-        for i, seq in enumerate(batch):
+        for i, (seq, token) in enumerate(zip(batch, sample_tokens(logits, batch))):
             seq.cached += len(rows[i])
-            token = sample_token(logits[i], seq.params, seq.generator)
             seq.output.append(token)
             if (token in seq.params.stop_tokens or len(seq.output) >= seq.params.max_new_tokens
                     or seq.cached >= self.max_len):

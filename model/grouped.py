@@ -31,13 +31,17 @@ def _use_native(x: torch.Tensor, w: torch.Tensor, impl: str) -> bool:
     return impl == "native" or (impl == "auto" and _native_supported(x, w))
 
 
-def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor | None,
+               impl: str = "auto") -> torch.Tensor:
     """Rows of x sorted by expert (counts_E rows each) times their expert's weight: [M, N].
+    counts_E None means a single expert owning every row: a plain matmul.
 
     impl: "auto" picks the native kernel where it runs, "native" forces it, "loop" forces the
     per-expert loop.
     """
     _check_impl(impl)
+    if counts_E is None:
+        return x_MK @ w_EKN[0]
     if _use_native(x_MK, w_EKN, impl) and x_MK.shape[0] > 0:
         offsets = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
         return torch._grouped_mm(x_MK, w_EKN, offs=offsets)
@@ -46,11 +50,13 @@ def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor, 
     return torch.cat(outs, dim=0) if outs else x_MK.new_zeros(0, w_EKN.shape[-1])
 
 
-def grouped_mm_weight_grad(x_MK: torch.Tensor, dy_MN: torch.Tensor, counts_E: torch.Tensor,
+def grouped_mm_weight_grad(x_MK: torch.Tensor, dy_MN: torch.Tensor, counts_E: torch.Tensor | None,
                            impl: str = "auto") -> torch.Tensor:
     """Per expert, its block of x transposed times its block of dy: the weight gradient [E, K, N]
     of `grouped_mm`, in one kernel (the groups split the reduction dimension)."""
     _check_impl(impl)
+    if counts_E is None:
+        return (x_MK.t() @ dy_MN)[None]
     if _use_native(x_MK, dy_MN, impl) and x_MK.shape[0] > 0:
         offsets = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
         return torch._grouped_mm(x_MK.t(), dy_MN, offs=offsets)

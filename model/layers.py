@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
+from model.expert_ffn import expert_swiglu
 
 
 class RMSNorm(nn.Module):
@@ -34,7 +34,9 @@ class SwiGLU(nn.Module):
         self.w_down = nn.Linear(inter_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        """As one expert of `expert_swiglu`: backward keeps the two projections, not four tensors."""
+        weights = (w.weight.t()[None] for w in (self.w_gate, self.w_up, self.w_down))
+        return expert_swiglu(x.reshape(-1, x.shape[-1]), *weights, counts_E=None).view(x.shape)
 
 
 def _yarn_correction_range(cfg: ModelConfig, dim: int) -> tuple[int, int]:

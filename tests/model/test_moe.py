@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import MoEConfig
+from model.layers import SwiGLU
 from model.moe import MoE, Routing, permute, route, sequence_balance_loss, unpermute
 
 
@@ -179,3 +180,17 @@ def test_sequence_balance_loss_is_alpha_when_balanced_and_larger_when_collapsed(
     collapsed = Routing(weights=torch.ones(4, 2), experts=torch.tensor([[0, 1]] * 4),
                         scores=torch.tensor([[0.5, 0.4, 0.05, 0.05]] * 4))
     assert sequence_balance_loss(collapsed, 1, cfg) > 0.015
+
+
+def test_dense_swiglu_equals_plain_autograd(seed):
+    """The dense FFN / shared experts run as one expert of the memory-saving function: same
+    output and gradients as down(silu(gate(x)) * up(x)) by plain autograd, any leading shape."""
+    ffn = SwiGLU(32, 48)
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    out = ffn(x)
+    plain = ffn.w_down(F.silu(ffn.w_gate(x)) * ffn.w_up(x))
+    assert out.shape == plain.shape and (out - plain).abs().max() <= 1e-5
+    g = torch.randn_like(out)
+    params = [x, ffn.w_gate.weight, ffn.w_up.weight, ffn.w_down.weight]
+    for a, b in zip(torch.autograd.grad((out * g).sum(), params), torch.autograd.grad((plain * g).sum(), params)):
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, float(b.abs().max()))
