@@ -14,8 +14,10 @@ w = fp8 * scale_inv[row // block_rows, col // block_cols].
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from tqdm import tqdm
 from model import checkpoint
 from model.config import ModelConfig
 from model.hf_config import (ARCHITECTURES, HF_CONFIG_FILE, HFFormatError, HFModel, hf_architecture,
-                             hf_config_from_model, hf_model_from_config)
+                             hf_config_from_model, hf_model_from_config, is_hf_dir)
 from model.safetensors_stream import StreamWriter, TensorEntry, read_header, read_tensor
 from model.tokenizer import HF_TOKENIZER_CONFIG, TOKENIZER_FILE, Tokenizer
 from model.transformer import Transformer
@@ -431,3 +433,34 @@ def _export_tokenizer(ckpt: Path, tmp: Path) -> dict[str, int | None]:
         shutil.copyfile(file.parent / HF_TOKENIZER_CONFIG, tmp / HF_TOKENIZER_CONFIG)
     tok = Tokenizer.load(file)
     return {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face dirs wherever a checkpoint is taken
+
+
+def cache_root() -> Path:
+    """Where HF dirs given to serve/train/generate are converted: $MORAY_HF_CACHE or ~/.cache/moray/hf."""
+    return Path(os.environ.get("MORAY_HF_CACHE") or Path.home() / ".cache" / "moray" / "hf")
+
+
+def _fingerprint(hf_dir: Path) -> str:
+    """Changes when the dir's path or any of its files (name, size, mtime) changes."""
+    h = hashlib.sha256(str(hf_dir.resolve()).encode())
+    for file in sorted(p for p in hf_dir.iterdir() if p.is_file()):
+        stat = file.stat()
+        h.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def as_moray_checkpoint(path: str | Path, progress: bool = True) -> Path:
+    """`path` itself when it is a moray checkpoint; for a Hugging Face dir, its conversion in the
+    cache (made on first use, reused while the dir is unchanged)."""
+    path = Path(path)
+    if not is_hf_dir(path):
+        return path
+    cached = cache_root() / f"{path.resolve().name}-{_fingerprint(path)}"
+    if not (cached / checkpoint.MANIFEST_FILE).is_file():
+        log.warning("converting Hugging Face model %s into %s", path, cached)
+        import_hf(path, cached, progress=progress)
+    return cached

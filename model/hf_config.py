@@ -48,6 +48,8 @@ class HFModel:
 
 def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     file = Path(hf_dir) / HF_CONFIG_FILE
+    if not Path(hf_dir).is_dir():
+        raise HFFormatError(f"{hf_dir}: no such directory")
     if not file.is_file():
         raise HFFormatError(f"{hf_dir}: no {HF_CONFIG_FILE}; not a Hugging Face model directory")
     try:
