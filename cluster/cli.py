@@ -29,7 +29,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     from train.data import prepare_corpus
 
     inputs = [Path(p) for p in args.input] if args.input else None
-    manifest = prepare_corpus(inputs, Path(args.out), vocab_size=args.vocab_size, progress=not args.quiet)
+    manifest = prepare_corpus(inputs, Path(args.out), vocab_size=args.vocab_size, progress=not args.quiet,
+                              tokenizer=Path(args.tokenizer) if args.tokenizer else None)
     print(f"prepared {args.out}: {len(manifest.source_files)} files, {manifest.source_bytes / 1e6:.1f} MB -> "
           f"{manifest.n_tokens('train'):,} train / {manifest.n_tokens('val'):,} val tokens, "
           f"vocabulary {manifest.vocab_size} ({manifest.tokenizer_path})")
@@ -95,15 +96,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     import ray
 
     from cluster.config import load_config
-    from train.job import check_before_start, run_training
+    from train.job import check_before_start, run_training, start_from
 
     cfg = load_config(args.config, args.overrides)
     if args.init_from:
-        from model.checkpoint import load_config as load_checkpoint_config
-        from model.hf import as_moray_checkpoint
-
-        args.init_from = str(as_moray_checkpoint(args.init_from))
-        cfg.model = load_checkpoint_config(args.init_from)  # the model is the checkpoint's
+        cfg, args.init_from = start_from(cfg, args.init_from)
     check_before_start(cfg)  # one clear line before anything starts
     if args.address:
         from cluster.jobs import submit_and_follow
@@ -255,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="text file or directory (repeatable); default: this Python's standard-library sources")
     prep.add_argument("--out", default="data/corpus", help="output directory (default: data/corpus)")
     prep.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size (default: 2048)")
+    prep.add_argument("--tokenizer", metavar="PATH",
+                      help="use this tokenizer instead of training one: a tokenizer.json, a moray checkpoint or a "
+                      "Hugging Face model dir (for training from its weights)")
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
     prep.set_defaults(func=cmd_data_prepare)
 

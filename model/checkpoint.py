@@ -7,6 +7,8 @@ Layout of a checkpoint directory:
     model.safetensors    every tensor that is not a routed expert (what a router needs)
     experts.safetensors  the routed-expert tensors, stacked [n_routed_experts, ...]
     tokenizer.json       optional
+    tokenizer_config.json  optional, with tokenizer.json: a Hugging Face tokenizer's special tokens and
+                         chat template
 
 Routed experts live in their own file, stacked along dim 0 exactly as the model holds them, so an
 expert shard reads the rows of its own experts (safetensors slices are lazy) and never touches the
@@ -36,6 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model.config import ConfigError, ModelConfig, check_model_config, model_config_from_dict, model_config_to_dict
+from model.tokenizer import HF_TOKENIZER_CONFIG
 
 PathLike = str | os.PathLike[str]
 
@@ -94,6 +97,10 @@ def save_checkpoint(
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
             files.append(TOKENIZER_FILE)
+            hf_tokenizer_config = Path(tokenizer_file).parent / HF_TOKENIZER_CONFIG
+            if hf_tokenizer_config.is_file():  # a Hugging Face tokenizer's special tokens + chat template
+                shutil.copyfile(hf_tokenizer_config, tmp / HF_TOKENIZER_CONFIG)
+                files.append(HF_TOKENIZER_CONFIG)
         finish_checkpoint_dir(tmp, cfg, files)
         replace_dir(tmp, target)
     except BaseException:

@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
 SCALE_SUFFIX = "_scale_inv"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
@@ -295,54 +294,14 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None
     return target
 
 
-def _token_text(value: object) -> str | None:
-    """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
 def _import_tokenizer(hf_dir: Path, tmp: Path) -> list[str]:
-    """tokenizer.json plus a tokenizer_config.json that holds the special tokens and the chat
-    template however the HF dir spread them (tokenizer_config.json, special_tokens_map.json,
-    chat_template.jinja, token ids in config.json)."""
+    """tokenizer.json plus a tokenizer_config.json holding the special tokens and the chat
+    template, however the HF dir spread them."""
     if not (hf_dir / TOKENIZER_FILE).is_file():
         log.warning("%s has no %s: the checkpoint will have no tokenizer", hf_dir, TOKENIZER_FILE)
         return []
-    shutil.copyfile(hf_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
-    meta = _read_json(hf_dir / HF_TOKENIZER_CONFIG)
-    special_map = _read_json(hf_dir / "special_tokens_map.json")
-    model_config = _read_json(hf_dir / HF_CONFIG_FILE)
-    vocab_of = Tokenizer.raw(hf_dir / TOKENIZER_FILE)
-    out: dict[str, object] = dict(meta)
-    for role in ("bos", "eos", "pad"):
-        key = f"{role}_token"
-        text = _token_text(meta.get(key)) or _token_text(special_map.get(key))
-        token_id = model_config.get(f"{role}_token_id")
-        if isinstance(token_id, list):
-            token_id = token_id[0] if token_id else None
-        if text is None and isinstance(token_id, int):
-            text = vocab_of.id_to_token(token_id)
-        out[key] = text
-    template = meta.get("chat_template")
-    if isinstance(template, list):  # named templates: take the default one
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    if template is None and (hf_dir / CHAT_TEMPLATE_FILE).is_file():
-        template = (hf_dir / CHAT_TEMPLATE_FILE).read_text()
-    out["chat_template"] = template
-    (tmp / HF_TOKENIZER_CONFIG).write_text(json.dumps(out, indent=2) + "\n")
-    Tokenizer.load(tmp / TOKENIZER_FILE)  # refuse now what serving could not use later
+    Tokenizer.load(hf_dir / TOKENIZER_FILE).save(tmp)
     return [TOKENIZER_FILE, HF_TOKENIZER_CONFIG]
-
-
-def _read_json(file: Path) -> dict:
-    if not file.is_file():
-        return {}
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HFFormatError(f"{file}: cannot parse: {exc}") from None
-    return data if isinstance(data, dict) else {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,10 +387,8 @@ def _export_tokenizer(ckpt: Path, tmp: Path) -> dict[str, int | None]:
     file = checkpoint.tokenizer_file(ckpt)
     if file is None:
         return {}
-    shutil.copyfile(file, tmp / TOKENIZER_FILE)
-    if (file.parent / HF_TOKENIZER_CONFIG).is_file():
-        shutil.copyfile(file.parent / HF_TOKENIZER_CONFIG, tmp / HF_TOKENIZER_CONFIG)
     tok = Tokenizer.load(file)
+    tok.save(tmp)
     return {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
 
 
