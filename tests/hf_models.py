@@ -96,3 +96,24 @@ def hf_greedy(model, prompts: list[list[int]], new_tokens: int) -> list[list[int
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).abs().max() / expected.abs().max())
+
+
+def hf_tokenizer(chat_template: str, vocab_size: int = 96):
+    """A word-level `transformers` fast tokenizer with special tokens and a chat template."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "hello", "world", "moray", "is",
+             "a", "fish", "what", "?", "!"]
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    raw = RawTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="[UNK]",
+                                  additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"])
+    tok.chat_template = chat_template
+    return tok
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {{ eos_token }} "
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")

@@ -23,7 +23,8 @@ from model.hf_config import HFFormatError  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 from serve.openai_api import ChatMessage, chat_prompt  # noqa: E402
-from tests.hf_models import CONFIGS, build_hf_model, hf_greedy, hf_logits, relative_error, save_hf_model  # noqa: E402
+from tests.hf_models import (CHAT_TEMPLATE, CONFIGS, build_hf_model, hf_greedy, hf_logits, hf_tokenizer,  # noqa: E402
+                             relative_error, save_hf_model)
 
 REL_TOL = 1e-4
 
@@ -116,25 +117,6 @@ def test_fp8_block_weights_are_dequantized(seed, tmp_path):
     assert default["layers.2.ffn.experts.w_up"].dtype == torch.bfloat16
     assert torch.equal(default["layers.2.ffn.experts.w_up"], reference["layers.2.ffn.experts.w_up"].bfloat16())
     assert default["norm.weight"].dtype == torch.float32  # only fp8 tensors change dtype
-
-
-def hf_tokenizer(chat_template: str):
-    from tokenizers import Tokenizer as RawTokenizer
-    from tokenizers import models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["[UNK]", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "hello", "world", "moray", "is",
-             "a", "fish", "what", "?", "!"]
-    raw = RawTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="[UNK]",
-                                  additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"])
-    tok.chat_template = chat_template
-    return tok
-
-
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {{ eos_token }} "
-                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 def test_tokenizer_and_chat_template_travel_with_the_checkpoint(seed, tmp_path):

@@ -13,8 +13,7 @@ from cluster.config import load_config  # noqa: E402
 from model.checkpoint import load_state_dict, tokenizer_file  # noqa: E402
 from model.hf import as_moray_checkpoint  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
-from tests.hf_models import build_hf_model, save_hf_model  # noqa: E402
-from tests.model.test_hf import CHAT_TEMPLATE, hf_tokenizer  # noqa: E402
+from tests.hf_models import CHAT_TEMPLATE, build_hf_model, hf_tokenizer, save_hf_model  # noqa: E402
 from train.data import prepare_corpus  # noqa: E402
 from train.job import run_training, start_from  # noqa: E402
 
