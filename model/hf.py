@@ -14,6 +14,7 @@ w = fp8 * scale_inv[row // block_rows, col // block_cols].
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -55,6 +56,7 @@ class Link:
     hf: tuple[str, ...]
     stacked: bool = False
     tied: bool = False
+    swap_halves: bool = False  # the two input halves of a [out, 2 * in] weight trade places
 
 
 _MLA = {"wq": "q_proj", "wq_a": "q_a_proj", "q_norm": "q_a_layernorm", "wq_b": "q_b_proj",
@@ -72,14 +74,19 @@ def moray_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dt
 
 
 def tensor_links(cfg: ModelConfig, arch: str) -> list[Link]:
-    """Every moray tensor of the main stack, in state-dict order, with its HF source (MTP
-    modules have no transformers counterpart and are not linked)."""
-    links = []
-    for name in moray_tensors(cfg):
-        if name.startswith("mtp."):
-            continue
-        links.append(_link(name, cfg, arch))
-    return links
+    """Every moray tensor, in state-dict order, with its HF source. MTP module k is DeepSeek-V3's
+    layer num_hidden_layers + k, as its release stores it (transformers itself skips it)."""
+    return [_link(name, cfg, arch) for name in moray_tensors(cfg)]
+
+
+_MTP = {"hidden_norm": "hnorm", "embed_norm": "enorm", "proj": "eh_proj", "norm": "shared_head.norm"}
+
+
+def mtp_shared_copies(cfg: ModelConfig, depth: int) -> list[str]:
+    """DeepSeek-V3's MTP layers carry their own copies of the embedding and the output head,
+    which moray's MTP modules share with the main model."""
+    return [f"model.layers.{cfg.n_layers + k}.{part}.weight" for k in range(depth)
+            for part in ("embed_tokens", "shared_head.head")]
 
 
 def _link(name: str, cfg: ModelConfig, arch: str) -> Link:
@@ -89,18 +96,27 @@ def _link(name: str, cfg: ModelConfig, arch: str) -> Link:
     if name == "head.weight":
         return Link(name, ("model.embed_tokens.weight",), tied=True) if cfg.tie_embeddings \
             else Link(name, ("lm_head.weight",))
-    _, index, part, *rest = name.split(".")
-    layer = f"model.layers.{index}"
+    kind, index, *rest = name.split(".")
+    if kind == "layers":
+        return _block_link(name, f"model.layers.{index}", rest, cfg, arch)
+    layer = f"model.layers.{cfg.n_layers + int(index)}"
+    if rest[0] == "block":
+        return _block_link(name, layer, rest[1:], cfg, arch)
+    # DeepSeek feeds eh_proj [embedding, hidden]; moray's proj takes [hidden, embedding]
+    return Link(name, (f"{layer}.{_MTP[rest[0]]}.weight",), swap_halves=rest[0] == "proj")
+
+
+def _block_link(name: str, layer: str, rest: list[str], cfg: ModelConfig, arch: str) -> Link:
+    part = rest[0]
     if part == "attn_norm":
         return Link(name, (f"{layer}.input_layernorm.weight",))
     if part == "ffn_norm":
         return Link(name, (f"{layer}.post_attention_layernorm.weight",))
     if part == "attn":
         table = _GQA if cfg.attention == "gqa" else _MLA
-        return Link(name, (f"{layer}.self_attn.{table[rest[0]]}.weight",))
-    # ffn
+        return Link(name, (f"{layer}.self_attn.{table[rest[1]]}.weight",))
     mlp = f"{layer}.block_sparse_moe" if arch == "mixtral" else f"{layer}.mlp"
-    kind = rest[0]
+    kind = rest[1]
     if kind in _FFN:  # a dense layer's SwiGLU
         return Link(name, (f"{mlp}.{_FFN[kind]}.weight",))
     if kind == "gate":
@@ -108,10 +124,15 @@ def _link(name: str, cfg: ModelConfig, arch: str) -> Link:
     if kind == "expert_bias":
         return Link(name, (f"{mlp}.gate.e_score_correction_bias",) if arch == "deepseek_v3" else ())
     if kind == "shared":
-        return Link(name, (f"{mlp}.shared_experts.{_FFN[rest[1]]}.weight",))
+        return Link(name, (f"{mlp}.shared_experts.{_FFN[rest[2]]}.weight",))
     table = _MIXTRAL_EXPERT if arch == "mixtral" else _FFN
-    return Link(name, tuple(f"{mlp}.experts.{j}.{table[rest[1]]}.weight" for j in range(cfg.moe.n_routed_experts)),
+    return Link(name, tuple(f"{mlp}.experts.{j}.{table[rest[2]]}.weight" for j in range(cfg.moe.n_routed_experts)),
                 stacked=True)
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    half = t.shape[1] // 2
+    return torch.cat([t[:, half:], t[:, :half]], dim=1)
 
 
 def _hf_shape(moray_shape: tuple[int, ...], link: Link) -> tuple[int, ...]:
@@ -234,9 +255,14 @@ def _import_plan(source: HFSource, hf: HFModel, dtype: torch.dtype | None) -> li
         def pieces(link: Link = link, out_dtype: torch.dtype = out_dtype) -> Iterator[torch.Tensor]:
             for name in link.hf:
                 tensor = source.read(name)
+                if link.swap_halves:
+                    tensor = _swap_halves(tensor)
                 yield (tensor.t() if link.stacked else tensor).to(out_dtype)
 
         plan.append(_Out(link.moray, out_dtype, shape, pieces))
+    for name in mtp_shared_copies(hf.cfg, hf.cfg.mtp_depth):
+        source.check(name, expected["embed.weight"][0])
+        used.add(name)
     _check_leftovers(source, hf.cfg, used)
     return plan
 
@@ -276,6 +302,8 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None
     hf_dir, target = Path(hf_dir), Path(out_dir)
     hf = hf_model_from_config(hf_dir)
     source = HFSource(hf_dir, hf.fp8_block)
+    if hf.mtp_layers and f"model.layers.{hf.cfg.n_layers}.eh_proj.weight" in source.entries:
+        hf = dataclasses.replace(hf, cfg=dataclasses.replace(hf.cfg, mtp_depth=hf.mtp_layers))
     plan = _import_plan(source, hf, dtype)
     checkpoint.check_replaceable(target)
     tmp = checkpoint.temp_dir_next_to(target)
@@ -314,21 +342,33 @@ def _export_plan(ckpt: Path, cfg: ModelConfig, arch: str) -> list[_Out]:
     expected = moray_tensors(cfg)
     checkpoint.check_tensors({k: v[0] for k, v in expected.items()}, {k: e.shape for k, e in entries.items()},
                              str(ckpt))
+    if cfg.mtp_depth and arch != "deepseek_v3":
+        log.warning("%s: its %d MTP modules are not exported (%s releases have none)", ckpt, cfg.mtp_depth,
+                    ARCHITECTURES[arch])
+        cfg = dataclasses.replace(cfg, mtp_depth=0)
     plan = []
     for link in tensor_links(cfg, arch):
         entry = entries[link.moray]
         if link.tied or not link.hf:
             continue
         if not link.stacked:
-            plan.append(_Out(link.hf[0], entry.dtype, entry.shape, lambda entry=entry: iter([read_tensor(entry)])))
+            plan.append(_Out(link.hf[0], entry.dtype, entry.shape, lambda entry=entry, link=link: iter([
+                _export_tensor(entry, link, cfg)])))
             continue
         for j, name in enumerate(link.hf):
             plan.append(_Out(name, entry.dtype, _hf_shape(entry.shape, link),
                              lambda entry=entry, j=j: iter([read_tensor(entry, rows=(j, j + 1))[0].t()])))
-    if cfg.mtp_depth:
-        log.warning("%s: its %d MTP modules are not exported (transformers' %s has none)", ckpt, cfg.mtp_depth,
-                    ARCHITECTURES[arch])
+    for name in mtp_shared_copies(cfg, cfg.mtp_depth):
+        entry = entries["embed.weight" if name.endswith("embed_tokens.weight") else "head.weight"]
+        plan.append(_Out(name, entry.dtype, entry.shape, lambda entry=entry: iter([read_tensor(entry)])))
     return plan
+
+
+def _export_tensor(entry: TensorEntry, link: Link, cfg: ModelConfig) -> torch.Tensor:
+    if link.moray.endswith("expert_bias") and not cfg.moe.bias_balancing:  # moray ignores it, so must HF
+        return torch.zeros(entry.shape, dtype=entry.dtype)
+    tensor = read_tensor(entry)
+    return _swap_halves(tensor) if link.swap_halves else tensor
 
 
 def _shards(plan: list[_Out], max_bytes: int) -> list[list[_Out]]:

@@ -42,8 +42,9 @@ class HFModel:
     """What the weight mapping needs to know beyond the ModelConfig."""
 
     arch: str  # a key of ARCHITECTURES
-    cfg: ModelConfig
+    cfg: ModelConfig  # mtp_depth 0: the MTP layers become moray's MTP modules only if their weights are there
     fp8_block: tuple[int, int] | None  # block size of FP8 weights with *_scale_inv tensors
+    mtp_layers: int  # DeepSeek-V3's num_nextn_predict_layers
 
 
 def read_hf_config(hf_dir: Path) -> dict[str, Any]:
@@ -220,7 +221,8 @@ def hf_model_from_config(hf_dir: Path, data: dict[str, Any] | None = None) -> HF
         check_model_config(cfg)
     except ConfigError as exc:
         raise HFFormatError(f"{file}: the model it describes is not valid for moray: {exc}") from None
-    return HFModel(arch=arch, cfg=cfg, fp8_block=_fp8_block(f))
+    mtp = int(f.get("num_nextn_predict_layers", 0)) if arch == "deepseek_v3" else 0
+    return HFModel(arch=arch, cfg=cfg, fp8_block=_fp8_block(f), mtp_layers=mtp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +306,7 @@ def hf_config_from_model(cfg: ModelConfig, arch: str, special_ids: dict[str, int
         aux_loss_alpha=moe.aux_loss_alpha, attention_bias=False)
     if arch == "deepseek_v3":
         out.update(scoring_func="sigmoid", topk_method="noaux_tc", rope_interleave=cfg.rope_interleaved,
-                   num_nextn_predict_layers=0)
+                   num_nextn_predict_layers=cfg.mtp_depth)
     else:
         out.update(scoring_func="softmax", topk_method="group_limited_greedy" if moe.n_group > 1 else "greedy")
     if _uses_yarn(cfg):

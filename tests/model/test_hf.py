@@ -202,3 +202,47 @@ def test_export_refuses_a_model_transformers_cannot_express(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "cannot export tiny as DeepseekV2ForCausalLM: model.moe.norm_topk_prob" in err
     assert not (tmp_path / "out").exists()
     shutil.rmtree(ckpt)
+
+
+def test_deepseek_v3_mtp_layers_become_moray_mtp_modules(seed, tmp_path):
+    hf = build_hf_model("v3-grouped", seed)
+    hf_dir = save_hf_model(hf, tmp_path / "hf", max_shard_size="10GB")
+    tensors = load_file(hf_dir / "model.safetensors")
+    gen = torch.Generator().manual_seed(seed)
+    n = hf.config.num_hidden_layers
+    # DeepSeek-V3's release: the MTP module is layer n, a decoder layer plus its own norms and projection
+    for name in [k for k in tensors if k.startswith(f"model.layers.{n - 1}.")]:
+        tensors[name.replace(f"layers.{n - 1}.", f"layers.{n}.")] = torch.randn(tensors[name].shape, generator=gen)
+    dim = hf.config.hidden_size
+    extra = {"enorm.weight": (dim,), "hnorm.weight": (dim,), "eh_proj.weight": (dim, 2 * dim),
+             "shared_head.norm.weight": (dim,)}
+    for part, shape in extra.items():
+        tensors[f"model.layers.{n}.{part}"] = torch.randn(shape, generator=gen)
+    tensors[f"model.layers.{n}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+    tensors[f"model.layers.{n}.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+    save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["num_nextn_predict_layers"] = 1
+    (hf_dir / "config.json").write_text(json.dumps(config))
+
+    ckpt = import_hf(hf_dir, tmp_path / "moray", progress=False)
+    assert load_config(ckpt).mtp_depth == 1
+    state = load_state_dict(ckpt)
+    eh_proj = tensors[f"model.layers.{n}.eh_proj.weight"]
+    # DeepSeek projects [embedding, hidden]; moray [hidden, embedding]
+    assert torch.equal(state["mtp.0.proj.weight"], torch.cat([eh_proj[:, dim:], eh_proj[:, :dim]], dim=1))
+    assert torch.equal(state["mtp.0.hidden_norm.weight"], tensors[f"model.layers.{n}.hnorm.weight"])
+    assert torch.equal(state["mtp.0.block.ffn.experts.w_down"][5],
+                       tensors[f"model.layers.{n}.mlp.experts.5.down_proj.weight"].t())
+    tokens, _ = prompts(hf.config.vocab_size, seed)
+    with torch.no_grad():
+        assert relative_error(moray_model(ckpt)(tokens), hf_logits(hf, tokens)) <= REL_TOL
+        assert moray_model(ckpt).loss(tokens[:, :-1], tokens[:, 1:]).mtp is not None
+
+    exported = export_hf(ckpt, tmp_path / "export", progress=False)
+    out = {}
+    for file in exported.glob("*.safetensors"):
+        out.update(load_file(file))
+    assert out.keys() == tensors.keys()
+    for key in tensors:
+        assert torch.equal(out[key], tensors[key]), f"{key} differs after import + export"
