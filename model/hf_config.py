@@ -21,12 +21,15 @@ type) is refused with one line naming the field, rather than imported into a dif
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from model.checkpoint import CheckpointError
 from model.config import ConfigError, ModelConfig, MoEConfig, check_model_config
+
+log = logging.getLogger(__name__)
 
 ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
                  "mixtral": "MixtralForCausalLM"}
@@ -146,7 +149,10 @@ def _deepseek(f: _Fields, arch: str, name: str) -> ModelConfig:
         grouped = method == "group_limited_greedy"
         n_group = int(f.require("n_group")) if grouped else 1
         topk_group = int(f.require("topk_group")) if grouped else 1
-        norm_topk = False  # transformers' DeepseekV2 router does not renormalize
+        if f.get("norm_topk_prob", False):
+            log.warning("%s: norm_topk_prob is true, but transformers' DeepseekV2 router never renormalizes; "
+                        "imported as transformers computes it", f.file)
+        norm_topk = False
     top_k = int(f.require("num_experts_per_tok"))
     if norm_topk and top_k == 1:
         f.refuse("num_experts_per_tok", 1, "a single renormalized expert weight is not supported")
