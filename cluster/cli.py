@@ -29,10 +29,31 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     from train.data import prepare_corpus
 
     inputs = [Path(p) for p in args.input] if args.input else None
-    manifest = prepare_corpus(inputs, Path(args.out), vocab_size=args.vocab_size, progress=not args.quiet)
+    manifest = prepare_corpus(inputs, Path(args.out), vocab_size=args.vocab_size, progress=not args.quiet,
+                              tokenizer=Path(args.tokenizer) if args.tokenizer else None)
     print(f"prepared {args.out}: {len(manifest.source_files)} files, {manifest.source_bytes / 1e6:.1f} MB -> "
           f"{manifest.n_tokens('train'):,} train / {manifest.n_tokens('val'):,} val tokens, "
           f"vocabulary {manifest.vocab_size} ({manifest.tokenizer_path})")
+    return 0
+
+
+def cmd_checkpoint_import_hf(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.hf import import_hf
+
+    dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
+    out = import_hf(args.hf_dir, args.out_dir, dtype=dtype, progress=not args.quiet)
+    print(f"moray checkpoint: {out}  (serve it: moray serve {out})")
+    return 0
+
+
+def cmd_checkpoint_export_hf(args: argparse.Namespace) -> int:
+    from model.hf import export_hf
+
+    out = export_hf(args.checkpoint, args.out_dir, max_shard_bytes=int(args.max_shard_gb * 1024**3),
+                    progress=not args.quiet)
+    print(f"Hugging Face model: {out}  (transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0
 
 
@@ -75,9 +96,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     import ray
 
     from cluster.config import load_config
-    from train.job import check_before_start, run_training
+    from train.job import check_before_start, run_training, start_from
 
     cfg = load_config(args.config, args.overrides)
+    if args.init_from:
+        cfg, args.init_from = start_from(cfg, args.init_from)
     check_before_start(cfg)  # one clear line before anything starts
     if args.address:
         from cluster.jobs import submit_and_follow
@@ -134,7 +157,9 @@ def _wait_forever() -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from model.checkpoint import load_config as load_checkpoint_config
+    from model.hf import as_moray_checkpoint
 
+    args.checkpoint = str(as_moray_checkpoint(args.checkpoint))
     name = load_checkpoint_config(args.checkpoint).name  # a bad checkpoint fails here, with one line
     context = _start_ray(args.address)
     endpoint = deploy(str(Path(args.checkpoint).resolve()), args.port, args.num_shards, args.use_gpu, args.grpc_port)
@@ -154,9 +179,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from model.checkpoint import load_config as load_checkpoint_config
     from model.checkpoint import load_into, tokenizer_file
     from model.generate import SamplingParams, generate
+    from model.hf import as_moray_checkpoint
     from model.tokenizer import Tokenizer
     from model.transformer import Transformer
 
+    args.checkpoint = str(as_moray_checkpoint(args.checkpoint))
     cfg = load_checkpoint_config(args.checkpoint)
     tok_path = tokenizer_file(args.checkpoint)
     if tok_path is None:
@@ -225,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="text file or directory (repeatable); default: this Python's standard-library sources")
     prep.add_argument("--out", default="data/corpus", help="output directory (default: data/corpus)")
     prep.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size (default: 2048)")
+    prep.add_argument("--tokenizer", metavar="PATH",
+                      help="use this tokenizer instead of training one: a tokenizer.json, a moray checkpoint or a "
+                      "Hugging Face model dir (for training from its weights)")
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
     prep.set_defaults(func=cmd_data_prepare)
 
@@ -234,16 +264,34 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. model.moe.top_k=4")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=cmd_model_info)
+    ckpt = commands.add_parser("checkpoint", help="convert checkpoints").add_subparsers(
+        dest="checkpoint_command", required=True)
+    imp = ckpt.add_parser("import-hf", help="Hugging Face DeepSeek-V2/V3 or Mixtral dir -> moray checkpoint")
+    imp.add_argument("hf_dir", metavar="HF_DIR", help="dir with config.json, *.safetensors (+ index), tokenizer files")
+    imp.add_argument("out_dir", metavar="OUT_DIR", help="moray checkpoint to write (must not exist, or be one)")
+    imp.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"],
+                     help="cast weights (default: keep the source's; fp8 weights become bfloat16)")
+    imp.add_argument("--quiet", action="store_true", help="no progress bar")
+    imp.set_defaults(func=cmd_checkpoint_import_hf)
+    exp = ckpt.add_parser("export-hf", help="moray checkpoint -> Hugging Face dir that transformers loads")
+    exp.add_argument("checkpoint", metavar="CKPT")
+    exp.add_argument("out_dir", metavar="OUT_DIR", help="dir to write (must not exist, or be empty)")
+    exp.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard (default 5)")
+    exp.add_argument("--quiet", action="store_true", help="no progress bar")
+    exp.set_defaults(func=cmd_checkpoint_export_hf)
+
     train = commands.add_parser("train", help="train with DeepSpeed under Ray Train (local cluster, or --address)")
     train.add_argument("config", metavar="CONFIG_OR_PRESET", help="YAML file or preset")
     train.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.max_steps=50")
     train.add_argument("--address", help="submit as a Ray job to this cluster (http://host:8265) and follow it")
-    train.add_argument("--init-from", help="start from the weights of a moray model checkpoint")
+    train.add_argument("--init-from", help="start from a moray model checkpoint or a Hugging Face model dir "
+                       "(its model config replaces the preset's)")
     train.add_argument("--resume-from", help="continue from a training checkpoint (any number of workers)")
     train.set_defaults(func=cmd_train)
 
     serve_cmd = commands.add_parser("serve", help="serve a checkpoint: OpenAI-compatible HTTP on Ray Serve")
-    serve_cmd.add_argument("checkpoint", help="moray model checkpoint directory (a training run's model/)")
+    serve_cmd.add_argument("checkpoint", help="moray model checkpoint directory (a training run's model/) or a "
+                           "Hugging Face DeepSeek-V2/V3/Mixtral dir (converted once into $MORAY_HF_CACHE)")
     serve_cmd.add_argument("--address", help="Ray cluster to deploy to (default: an embedded local one)")
     serve_cmd.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default 8000)")
     serve_cmd.add_argument("--grpc-port", type=int, default=9000, help="gRPC port (default 9000)")

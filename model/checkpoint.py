@@ -7,6 +7,8 @@ Layout of a checkpoint directory:
     model.safetensors    every tensor that is not a routed expert (what a router needs)
     experts.safetensors  the routed-expert tensors, stacked [n_routed_experts, ...]
     tokenizer.json       optional
+    tokenizer_config.json  optional, with tokenizer.json: a Hugging Face tokenizer's special tokens and
+                         chat template
 
 Routed experts live in their own file, stacked along dim 0 exactly as the model holds them, so an
 expert shard reads the rows of its own experts (safetensors slices are lazy) and never touches the
@@ -36,6 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model.config import ConfigError, ModelConfig, check_model_config, model_config_from_dict, model_config_to_dict
+from model.tokenizer import HF_TOKENIZER_CONFIG
 
 PathLike = str | os.PathLike[str]
 
@@ -77,7 +80,7 @@ def save_checkpoint(
     a moray checkpoint or an empty dir, so a typo cannot wipe an unrelated directory.
     """
     target = Path(path)
-    _check_replaceable(target)
+    check_replaceable(target)
     try:
         check_model_config(cfg)
     except ConfigError as exc:
@@ -86,28 +89,43 @@ def save_checkpoint(
         raise CheckpointError(f"cannot save checkpoint {target}: tokenizer file {tokenizer_file} does not exist")
     dense, experts = _split_for_saving(target, cfg, state_dict)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = temp_dir_next_to(target)
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it 0700; a checkpoint should read like any other dir
-        OmegaConf.save(OmegaConf.create(model_config_to_dict(cfg)), tmp / CONFIG_FILE)
         save_file(dense, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
         save_file(experts, str(tmp / EXPERTS_FILE), metadata={"format": FORMAT_NAME})
-        files = [CONFIG_FILE, WEIGHTS_FILE, EXPERTS_FILE]
+        files = [WEIGHTS_FILE, EXPERTS_FILE]
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
             files.append(TOKENIZER_FILE)
-        # the manifest goes last: a dir with a manifest has every file the manifest names
-        manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "files": files}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(tmp, target)
+            hf_tokenizer_config = Path(tokenizer_file).parent / HF_TOKENIZER_CONFIG
+            if hf_tokenizer_config.is_file():  # a Hugging Face tokenizer's special tokens + chat template
+                shutil.copyfile(hf_tokenizer_config, tmp / HF_TOKENIZER_CONFIG)
+                files.append(HF_TOKENIZER_CONFIG)
+        finish_checkpoint_dir(tmp, cfg, files)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
 
 
-def _check_replaceable(target: Path) -> None:
+def finish_checkpoint_dir(tmp: Path, cfg: ModelConfig, files: list[str]) -> None:
+    """Write config.yaml and, last, the manifest naming `files` (already in `tmp`) and config.yaml:
+    a dir with a manifest has every file the manifest names."""
+    OmegaConf.save(OmegaConf.create(model_config_to_dict(cfg)), tmp / CONFIG_FILE)
+    manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "files": [CONFIG_FILE, *files]}
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def temp_dir_next_to(target: Path) -> Path:
+    """A hidden, world-readable temp dir beside `target`, to be renamed into place when complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700; a checkpoint should read like any other dir
+    return tmp
+
+
+def check_replaceable(target: Path) -> None:
     if not target.exists():
         return
     if not target.is_dir():
@@ -147,12 +165,12 @@ def _split_for_saving(
     return dense, experts
 
 
-def _replace_dir(new: Path, target: Path) -> None:
+def replace_dir(new: Path, target: Path) -> None:
     """Rename `new` to `target`, moving an existing `target` aside first and deleting it after."""
     if not target.exists():
         new.rename(target)
         return
-    _check_replaceable(target)
+    check_replaceable(target)
     old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
     target.rename(old)
     try:
@@ -193,7 +211,7 @@ def _manifest_files(path: PathLike) -> tuple[Path, list[str]]:
     return root, files
 
 
-def _checkpoint_file(path: PathLike, filename: str) -> Path:
+def checkpoint_file(path: PathLike, filename: str) -> Path:
     """The path of one file of a checkpoint, which must be listed and present."""
     root, files = _manifest_files(path)
     file = root / filename
@@ -231,7 +249,7 @@ def _read_shapes(file: Path) -> dict[str, tuple[int, ...]]:
 
 def load_config(path: PathLike) -> ModelConfig:
     """The checkpoint's ModelConfig; reads config.yaml only, validated like a preset."""
-    config_path = _checkpoint_file(path, CONFIG_FILE)
+    config_path = checkpoint_file(path, CONFIG_FILE)
     try:
         data = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
     except (OSError, yaml.YAMLError, OmegaConfBaseException) as exc:
@@ -255,7 +273,7 @@ def load_non_expert_state_dict(
     path: PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
     """Every tensor but the routed experts: embeddings, attention, norms, gates, shared experts."""
-    return _read_file(_checkpoint_file(path, WEIGHTS_FILE), device, dtype)
+    return _read_file(checkpoint_file(path, WEIGHTS_FILE), device, dtype)
 
 
 def load_state_dict(
@@ -263,7 +281,7 @@ def load_state_dict(
 ) -> dict[str, torch.Tensor]:
     """The full state dict (non-expert and routed-expert tensors); `dtype` casts floating tensors."""
     state = load_non_expert_state_dict(path, device, dtype)
-    state.update(_read_file(_checkpoint_file(path, EXPERTS_FILE), device, dtype))
+    state.update(_read_file(checkpoint_file(path, EXPERTS_FILE), device, dtype))
     return state
 
 
@@ -281,7 +299,7 @@ def load_expert_slice(
     contiguous, one per id otherwise); model.safetensors is not opened.
     """
     ids = [int(i) for i in expert_ids]
-    file = _checkpoint_file(path, EXPERTS_FILE)
+    file = checkpoint_file(path, EXPERTS_FILE)
     out: dict[str, torch.Tensor] = {}
     with _open_safetensors(file) as handle:
         for name in handle.keys():
@@ -341,8 +359,8 @@ def load_into(model: torch.nn.Module, path: PathLike, strict: bool = True) -> No
     Shapes are checked from the safetensors headers before any data is read; values are copied
     into the module's own tensors, so they take its dtype and device.
     """
-    weights = _checkpoint_file(path, WEIGHTS_FILE)
-    experts = _checkpoint_file(path, EXPERTS_FILE)
+    weights = checkpoint_file(path, WEIGHTS_FILE)
+    experts = checkpoint_file(path, EXPERTS_FILE)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     found = {**_read_shapes(weights), **_read_shapes(experts)}
     check_tensors(expected, found, str(path), strict=strict)

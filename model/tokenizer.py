@@ -8,6 +8,7 @@ the model and the data pipeline can rely on `eos_id == 1` without reading the vo
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -18,6 +19,10 @@ BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)
 BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
 TOKENIZER_FILE = "tokenizer.json"
+# beside tokenizer.json, these mark a Hugging Face tokenizer: its special tokens and chat template
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+HF_SIDE_FILES = (HF_TOKENIZER_CONFIG, "special_tokens_map.json", "config.json")
 # 256 byte symbols + the special tokens: a smaller vocabulary cannot even hold the alphabet.
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
@@ -52,42 +57,119 @@ def train_tokenizer(
     return tok
 
 
-class Tokenizer:
-    """The tokenizer as moray uses it: plain lists of ids, special tokens at fixed ids.
+def _read_json(file: Path) -> dict:
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"cannot read {file}: {e}") from None
+    return data if isinstance(data, dict) else {}
 
-    Text that happens to contain `<|eos|>` literally is encoded as ordinary bytes, never as the
-    special token: documents cannot inject control tokens, and decode(encode(s)) == s always.
+
+def _token_text(value: object) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _hf_tokenizer_config(folder: Path, raw: tokenizers.Tokenizer) -> dict:
+    """tokenizer_config.json with its special tokens and chat template filled in from wherever
+    this Hugging Face dir keeps them (special_tokens_map.json, token ids in config.json,
+    chat_template.jinja, a list of named templates)."""
+    meta = _read_json(folder / HF_TOKENIZER_CONFIG)
+    special_map = _read_json(folder / "special_tokens_map.json")
+    model_config = _read_json(folder / "config.json")
+    for role in ("bos", "eos", "pad"):
+        key = f"{role}_token"
+        text = _token_text(meta.get(key)) or _token_text(special_map.get(key))
+        token_id = model_config.get(f"{role}_token_id")
+        if isinstance(token_id, list):
+            token_id = token_id[0] if token_id else None
+        if text is None and isinstance(token_id, int):
+            text = raw.id_to_token(token_id)
+        meta[key] = text
+    template = meta.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if template is None and (folder / CHAT_TEMPLATE_FILE).is_file():
+        template = (folder / CHAT_TEMPLATE_FILE).read_text()
+    meta["chat_template"] = template
+    return meta
+
+
+class Tokenizer:
+    """The tokenizer as moray uses it: plain lists of ids, special tokens at known ids.
+
+    moray's own tokenizers have their special tokens at fixed ids, and text that happens to
+    contain `<|eos|>` literally is encoded as ordinary bytes, never as the special token:
+    documents cannot inject control tokens, and decode(encode(s)) == s always.
+
+    A Hugging Face tokenizer (`hf_config`: the tokens of its tokenizer_config.json) keeps its own
+    special tokens and ids, its chat template, and encodes special tokens written in the text
+    as transformers does, since its chat template writes them as text.
     """
 
-    def __init__(self, tok: tokenizers.Tokenizer, source: str = "<in memory>") -> None:
-        ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
-        if ids != [BOS_ID, EOS_ID, PAD_ID]:
-            raise TokenizerError(
-                f"{source}: special tokens {list(SPECIAL_TOKENS)} must have ids 0, 1, 2, "
-                f"found {ids}; train it with model.tokenizer.train_tokenizer"
-            )
-        tok.encode_special_tokens = True
+    def __init__(self, tok: tokenizers.Tokenizer, source: str = "<in memory>", hf_config: dict | None = None) -> None:
         self._tok = tok
+        self._hf_config = hf_config
+        self.chat_template: str | None = None
+        if hf_config is None:
+            ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
+            if ids != [BOS_ID, EOS_ID, PAD_ID]:
+                raise TokenizerError(
+                    f"{source}: special tokens {list(SPECIAL_TOKENS)} must have ids 0, 1, 2, "
+                    f"found {ids}; train it with model.tokenizer.train_tokenizer"
+                )
+            tok.encode_special_tokens = True
+            self.bos_token, self.eos_token = BOS, EOS
+            self._ids = (BOS_ID, EOS_ID, PAD_ID)
+            return
+        self.bos_token, self.eos_token = hf_config.get("bos_token"), hf_config.get("eos_token")
+        self.chat_template = hf_config.get("chat_template")
+        ids = []
+        for role in ("bos", "eos", "pad"):
+            text = hf_config.get(f"{role}_token")
+            token_id = tok.token_to_id(text) if isinstance(text, str) else None
+            if text is not None and token_id is None:
+                raise TokenizerError(f"{source}: {role}_token {text!r} is not in the vocabulary")
+            ids.append(token_id)
+        if ids[1] is None:
+            raise TokenizerError(f"{source}: no eos_token; generation could not stop")
+        self._ids = (ids[0], ids[1], ids[2] if ids[2] is not None else ids[1])
+
+    @staticmethod
+    def raw(file: str | Path) -> tokenizers.Tokenizer:
+        """The `tokenizers` object of a tokenizer.json, errors as TokenizerError."""
+        try:
+            return tokenizers.Tokenizer.from_file(str(file))
+        except Exception as e:  # the Rust side raises a bare Exception for every failure
+            raise TokenizerError(f"cannot read tokenizer {file}: {e}") from e
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """Load a `tokenizer.json` file, or the one inside directory `path`."""
+        """Load a `tokenizer.json` file, or the one inside directory `path`. Beside it, a
+        tokenizer_config.json, special_tokens_map.json or config.json (a Hugging Face model dir)
+        makes it a Hugging Face tokenizer."""
         path = Path(path)
         file = path / TOKENIZER_FILE if path.is_dir() else path
         if not file.is_file():
             raise TokenizerError(f"tokenizer file not found: {file}")
-        try:
-            tok = tokenizers.Tokenizer.from_file(str(file))
-        except Exception as e:  # the Rust side raises a bare Exception for every failure
-            raise TokenizerError(f"cannot read tokenizer {file}: {e}") from e
-        return cls(tok, source=str(file))
+        raw = cls.raw(file)
+        if not any((file.parent / name).is_file() for name in HF_SIDE_FILES):
+            return cls(raw, source=str(file))
+        return cls(raw, source=str(file), hf_config=_hf_tokenizer_config(file.parent, raw))
 
     def save(self, path: str | Path) -> Path:
-        """Write the tokenizer to `path` (a file, or a directory that gets a `tokenizer.json`)."""
+        """Write the tokenizer to `path` (a file, or a directory that gets a `tokenizer.json`); a
+        Hugging Face tokenizer also writes its tokenizer_config.json beside it."""
         path = Path(path)
         file = path / TOKENIZER_FILE if path.is_dir() else path
         file.parent.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(file))
+        if self._hf_config is not None:
+            (file.parent / HF_TOKENIZER_CONFIG).write_text(json.dumps(self._hf_config, indent=2) + "\n")
         return file
 
     def encode(self, text: str) -> list[int]:
@@ -108,13 +190,13 @@ class Tokenizer:
         return self._tok.get_vocab_size()
 
     @property
-    def bos_id(self) -> int:
-        return BOS_ID
+    def bos_id(self) -> int | None:
+        return self._ids[0]
 
     @property
     def eos_id(self) -> int:
-        return EOS_ID
+        return self._ids[1]
 
     @property
     def pad_id(self) -> int:
-        return PAD_ID
+        return self._ids[2]

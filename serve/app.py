@@ -22,6 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from actors.bundles import model_bundles
 from model import checkpoint
+from model.hf import as_moray_checkpoint
 from model.tokenizer import Tokenizer
 from serve.model_server import ModelServer
 from serve import moray_pb2
@@ -54,7 +55,7 @@ class OpenAIIngress:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, req: ChatRequest):
-        return await self.service.respond(req, self.service.tokenize(chat_prompt(req.messages)), chat=True)
+        return await self.service.respond(req, self.service.tokenize(chat_prompt(req.messages, self.service.tokenizer)), chat=True)
 
     @api.get("/v1/models")
     async def models(self):
@@ -123,6 +124,7 @@ class AppArgs:
 
 def build_app(args: dict) -> Application:
     opts = AppArgs(**args)
+    opts.checkpoint = str(as_moray_checkpoint(opts.checkpoint))  # a Hugging Face dir is converted once
     cfg = checkpoint.load_config(opts.checkpoint)  # a bad checkpoint fails here, before any replica
     tokenizer_file = checkpoint.tokenizer_file(opts.checkpoint)
     if tokenizer_file is None:

@@ -8,13 +8,17 @@ the model, so other requests are unaffected.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import functools
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import jinja2
 from fastapi import FastAPI, Request
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
@@ -63,9 +67,30 @@ def error_body(message: str, param: str | None = None, code: str | None = None,
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def chat_prompt(messages: list[ChatMessage]) -> str:
-    """A plain chat template: one 'role: content' line per message, then the assistant's turn."""
-    return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
+def chat_prompt(messages: list[ChatMessage], tokenizer: Tokenizer | None = None) -> str:
+    """The prompt text of a chat: the tokenizer's own chat template (a Hugging Face model's),
+    rendered as transformers renders it, else one 'role: content' line per message and then
+    the assistant's turn. A template that rejects the conversation is a 400."""
+    template = tokenizer.chat_template if tokenizer is not None else None
+    if not template:
+        return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
+    try:
+        return _compiled_template(template).render(
+            messages=[m.model_dump() for m in messages], add_generation_prompt=True,
+            bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "")
+    except jinja2.TemplateError as exc:
+        raise APIError(400, f"messages: the model's chat template rejects them: {exc}", "messages") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_template(template: str) -> jinja2.Template:
+    def raise_exception(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+    return env.from_string(template)
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:

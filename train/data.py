@@ -291,8 +291,10 @@ def prepare_corpus(
     shard_tokens: int = 1_000_000,
     val_fraction: float = 0.02,
     progress: bool = True,
+    tokenizer: Path | None = None,
 ) -> Manifest:
-    """Train a tokenizer on `inputs` and write token shards + manifest into `out_dir`.
+    """Train a tokenizer on `inputs` (or take `tokenizer`: a tokenizer.json or a dir holding one,
+    such as a Hugging Face model's) and write token shards + manifest into `out_dir`.
 
     `inputs` are files and directories (walked recursively, sorted); None means the standard
     library corpus (`default_corpus_files`). Each file is one document, followed by eos. All is
@@ -310,12 +312,13 @@ def prepare_corpus(
     if not inputs:
         raise DataError("no inputs given")
     docs, n_bytes = _collect([Path(p) for p in inputs], out_dir.resolve(), progress)
-    log.info("%d documents, %.1f MB; training a %d-token tokenizer",
-             len(docs), n_bytes / 1e6, vocab_size)
-
     try:
-        texts = (d.text for d in docs)
-        tok = Tokenizer(train_tokenizer(texts, vocab_size, show_progress=progress))
+        if tokenizer is not None:
+            log.info("%d documents, %.1f MB; tokenizer %s", len(docs), n_bytes / 1e6, tokenizer)
+            tok = Tokenizer.load(tokenizer)
+        else:
+            log.info("%d documents, %.1f MB; training a %d-token tokenizer", len(docs), n_bytes / 1e6, vocab_size)
+            tok = Tokenizer(train_tokenizer((d.text for d in docs), vocab_size, show_progress=progress))
     except TokenizerError as e:
         raise DataError(str(e)) from e
 

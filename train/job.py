@@ -7,7 +7,7 @@ checked here, before any worker starts, and fails with one line.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray
@@ -15,8 +15,10 @@ from omegaconf import OmegaConf
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from cluster.config import MorayConfig
+from cluster.config import MorayConfig, check_train_config
+from model.checkpoint import load_config as load_checkpoint_config
 from model.config import ConfigError
+from model.hf import as_moray_checkpoint
 from train.data import load_manifest
 from train.worker import MODEL_DIR, train_worker
 
@@ -46,6 +48,16 @@ def check_before_start(cfg: MorayConfig) -> None:
             kind = "GPUs" if cfg.train.use_gpu else "CPUs"
             raise ConfigError(f"train.num_workers: {cfg.train.num_workers} workers need {cfg.train.num_workers} "
                               f"{kind}; the cluster has {have:g}")
+
+
+def start_from(cfg: MorayConfig, init_from: str) -> tuple[MorayConfig, str]:
+    """Training that starts from a checkpoint trains that checkpoint's model: `init_from` (a moray
+    checkpoint, or a Hugging Face dir converted once into the cache) and its model config replace
+    the config's."""
+    ckpt = str(as_moray_checkpoint(init_from))
+    model = load_checkpoint_config(ckpt)
+    check_train_config(cfg.train, model)
+    return replace(cfg, model=model), ckpt
 
 
 def run_training(cfg: MorayConfig, init_from: str | None = None, resume_from: str | None = None) -> TrainResult:
