@@ -35,6 +35,13 @@ class Dispatch:
     slot_weights: torch.Tensor  # [N, K] combine weights in token order (the routing's, gradients flow)
 
 
+def expert_counts(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Copies per expert [n_experts]. Not `torch.bincount`: on a GPU it reads the largest id back to
+    the host to size its output, a sync per MoE layer that stalls the launch queue."""
+    flat = expert_ids.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def permute(routing: Routing, n_experts: int, capacity: int | None = None) -> Dispatch:
     """Sort (token, expert) pairs by expert, keeping token order within each expert.
 
@@ -44,7 +51,7 @@ def permute(routing: Routing, n_experts: int, capacity: int | None = None) -> Di
     N, K = routing.experts.shape
     flat_experts = routing.experts.reshape(-1)
     order = torch.argsort(flat_experts, stable=True)
-    counts = torch.bincount(flat_experts, minlength=n_experts)
+    counts = expert_counts(flat_experts, n_experts)
     positions = torch.arange(order.numel(), device=order.device)
     row_of_pair = torch.empty_like(order).index_copy_(0, order, positions)
     token_index = order // K

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import MoEConfig
-from model.dispatch import Dispatch, Routing, permute, unpermute
+from model.dispatch import Dispatch, Routing, expert_counts, permute, unpermute
 from model.expert_ffn import expert_swiglu
 from model.grouped import grouped_mm
 from model.layers import SwiGLU
@@ -104,7 +104,7 @@ class MoE(nn.Module):
         """Route tokens and record the per-expert load of this forward."""
         bias = self.expert_bias if self.cfg.bias_balancing else None
         routing = route(self.gate(x_ND), bias, self.cfg)
-        load = torch.bincount(routing.experts.reshape(-1), minlength=self.cfg.n_routed_experts)
+        load = expert_counts(routing.experts, self.cfg.n_routed_experts)
         self.last_load.copy_(load)
         if self.training:
             self.pending_load += load
