@@ -1,6 +1,7 @@
 """Decode tokens/s of a preset on GPU at several batch sizes: one process, and sharded over Ray.
 
-  --shards 0   the single-process model (`model.generate.generate`) on one GPU: the floor the
+  --shards 0   the single-process model (`model.generate.generate`) on one GPU, eager and with
+               its decode steps replayed as CUDA graphs (`model/decode_graphs.py`): the floor the
                sharded runtime is measured against
   --shards N   `ShardedModel` with N expert shards: router and each shard on a GPU of their own
                (N + 1 GPUs), NCCL all-to-all per MoE layer; skipped, saying so, with fewer GPUs
@@ -29,6 +30,7 @@ os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 import torch  # noqa: E402
 
 from cluster.config import load_config  # noqa: E402
+from model.decode_graphs import DecodeGraphs  # noqa: E402
 from model.generate import SamplingParams, generate  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 from timing import cuda_times  # noqa: E402  (benchmarks/timing.py)
@@ -87,8 +89,8 @@ def main() -> None:
     prompts = {b: torch.randint(0, cfg.vocab_size, (b, args.prompt_len), generator=gen).tolist() for b in args.batch}
     rows = []
 
-    def record(shards: int, batch: int, rate: float, step: float) -> None:
-        row = {"shards": shards, "batch": batch, "decode_tokens_per_s": rate, "step_ms": step * 1e3,
+    def record(shards: int, batch: int, rate: float, step: float, mode: str = "eager") -> None:
+        row = {"shards": shards, "mode": mode, "batch": batch, "decode_tokens_per_s": rate, "step_ms": step * 1e3,
                "weight_read_floor_ms": floor_s * 1e3}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -97,9 +99,11 @@ def main() -> None:
         profile_decode(model, prompts[args.batch[0]], args.new_tokens)
     for shards in args.shards:
         if shards == 0:
+            graphs = DecodeGraphs(model, max(args.batch))
             for b in args.batch:
-                record(0, b, *decode_rate(lambda n: generate(model, prompts[b], SamplingParams(max_new_tokens=n)),
-                                          b, args.new_tokens, args.repeats))
+                for mode, g in (("eager", None), ("cuda-graphs", graphs)):
+                    record(0, b, *decode_rate(lambda n: generate(model, prompts[b], SamplingParams(max_new_tokens=n), g),
+                                              b, args.new_tokens, args.repeats), mode)
             continue
         if torch.cuda.device_count() < shards + 1:
             print(f"shards={shards}: needs {shards + 1} GPUs (router + shards), this machine has "
@@ -117,9 +121,9 @@ def main() -> None:
     meta = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0), "preset": args.preset,
             "gpus": torch.cuda.device_count(), "torch": torch.__version__, "weight_read_floor_ms": floor_s * 1e3}
     print(json.dumps(meta))
-    print(f"{'shards':>6} {'batch':>5} {'tokens/s':>9} {'step ms':>8} {'floor ms':>8}")
+    print(f"{'shards':>6} {'mode':>11} {'batch':>5} {'tokens/s':>9} {'step ms':>8} {'floor ms':>8}")
     for r in rows:
-        print(f"{r['shards']:>6} {r['batch']:>5} {r['decode_tokens_per_s']:>9.0f} {r['step_ms']:>8.2f} "
+        print(f"{r['shards']:>6} {r['mode']:>11} {r['batch']:>5} {r['decode_tokens_per_s']:>9.0f} {r['step_ms']:>8.2f} "
               f"{r['weight_read_floor_ms']:>8.3f}")
     if args.json:
         with open(args.json, "w") as f:

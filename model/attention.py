@@ -26,15 +26,27 @@ class StepLayout:
     positions: torch.Tensor  # [B, T] absolute position of each token
     lengths: torch.Tensor  # [B] real tokens per row; the rest of the row is padding
     slots: torch.Tensor  # [B] cache slot of each row
+    # what the host already knows, so no layer reads it back from the device (a sync per layer,
+    # and none is allowed inside a CUDA graph): every token real; cache entries to read per row
+    all_real: bool | None = None
+    kv_len: int | None = None
 
     @staticmethod
     def build(batch: int, width: int, device: torch.device | str = "cpu", start_pos: torch.Tensor | None = None,
-              lengths: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> "StepLayout":
+              lengths: torch.Tensor | None = None, slots: torch.Tensor | None = None, all_real: bool | None = None,
+              kv_len: int | None = None) -> "StepLayout":
+        if start_pos is None and lengths is None:
+            all_real, kv_len = True, width
+        elif lengths is None:
+            all_real = True
         start = torch.zeros(batch, dtype=torch.long, device=device) if start_pos is None else start_pos.to(device)
         positions = start[:, None] + torch.arange(width, device=device)[None, :]
         lengths = torch.full((batch,), width, device=device) if lengths is None else lengths.to(device)
         slots = torch.arange(batch, device=device) if slots is None else slots.to(device)
-        return StepLayout(positions=positions, lengths=lengths, slots=slots)
+        return StepLayout(positions=positions, lengths=lengths, slots=slots, all_real=all_real, kv_len=kv_len)
+
+    def every_token_real(self) -> bool:
+        return self.all_real if self.all_real is not None else bool(self.valid.all())
 
     @property
     def valid(self) -> torch.Tensor:
@@ -43,12 +55,15 @@ class StepLayout:
 
     def write(self, cache: torch.Tensor, new: torch.Tensor) -> None:
         """Store the real tokens' entries new[b, t] at cache[slot_b, position_bt]."""
+        if self.all_real:
+            cache[self.slots[:, None], self.positions] = new.to(cache.dtype)
+            return
         rows, cols = self.valid.nonzero(as_tuple=True)
         cache[self.slots[rows], self.positions[rows, cols]] = new[rows, cols].to(cache.dtype)
 
     def read(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's cached entries [B, L, ...] up to the furthest position, and the causal mask [B, T, L]."""
-        kv_len = int((self.positions[:, 0] + self.lengths).max())
+        kv_len = self.kv_len if self.kv_len is not None else int((self.positions[:, 0] + self.lengths).max())
         entries = cache[self.slots, :kv_len]
         mask = torch.arange(kv_len, device=cache.device)[None, None, :] <= self.positions[:, :, None]
         return entries, mask

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.attention import KVCache, StepLayout
+from model.decode_graphs import DecodeGraphs
 from model.transformer import Transformer
 
 
@@ -161,7 +162,9 @@ class ContinuousBatcher:
         tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long).to(self.device)
         lengths, start_pos, slots = torch.tensor([[len(r) for r in rows], [s.cached for s in batch],
                                                   [s.slot for s in batch]]).to(self.device)
-        layout = StepLayout.build(len(batch), width, self.device, start_pos=start_pos, lengths=lengths, slots=slots)
+        layout = StepLayout.build(len(batch), width, self.device, start_pos=start_pos, lengths=lengths, slots=slots,
+                                  all_real=all(len(r) == width for r in rows),
+                                  kv_len=max(s.cached + len(r) for s, r in zip(batch, rows)))
         logits = self.step_fn(tokens, layout, self.caches, lengths - 1)
         finished = []
         for i, (seq, token) in enumerate(zip(batch, sample_tokens(logits, batch))):
@@ -175,15 +178,21 @@ class ContinuousBatcher:
 
 
 @torch.no_grad()
-def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
-    """New tokens for each prompt (stop token included when one ended the sequence)."""
+def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+             graphs: DecodeGraphs | None = None) -> list[list[int]]:
+    """New tokens for each prompt (stop token included when one ended the sequence).
+
+    graphs: decode steps replayed as CUDA graphs (`model.decode_graphs`), kept across calls so
+    each batch bucket is captured once; it must have a slot per prompt. None runs eagerly."""
     per_seq = params if isinstance(params, list) else [params] * len(prompts)
     if len(per_seq) != len(prompts):
         raise ValueError(f"got {len(per_seq)} sampling params for {len(prompts)} prompts")
     if not prompts:
         return []
-    batcher = ContinuousBatcher(model, model.new_cache(len(prompts)), model.cfg.max_seq_len,
-                                model.embed.weight.device)
+    if graphs is not None and len(prompts) > graphs.n_slots:
+        raise ValueError(f"{len(prompts)} prompts need more than the decode graphs' {graphs.n_slots} slots")
+    step_fn, caches = (model, model.new_cache(len(prompts))) if graphs is None else (graphs, graphs.slot_caches)
+    batcher = ContinuousBatcher(step_fn, caches, model.cfg.max_seq_len, model.embed.weight.device)
     for i, prompt in enumerate(prompts):
         try:
             batcher.check_prompt(prompt)

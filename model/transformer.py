@@ -119,7 +119,7 @@ class Transformer(nn.Module):
                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Final hidden states before the output norm [B, T, D], and the MoE auxiliary losses."""
         layout = layout or StepLayout.build(tokens.shape[0], tokens.shape[1], tokens.device)
-        valid = None if bool(layout.valid.all()) else layout.valid
+        valid = None if layout.every_token_real() else layout.valid
         x = self.embed(tokens)
         aux_losses = []
         for i, block in enumerate(self.layers):

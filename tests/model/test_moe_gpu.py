@@ -61,3 +61,36 @@ def test_bf16_fused_layer_close_to_fp32(capacity, seed):
     assert rel(xb.grad, xf.grad) <= 1e-2
     for p, g in zip((moe.experts.w_gate, moe.experts.w_up, moe.experts.w_down), grads_fp32):
         assert rel(p.grad, g) <= 1e-2
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gqa"])
+def test_cuda_graph_decode_steps_equal_eager(preset, seed):
+    """Decode steps replayed from CUDA graphs (padded batch buckets, full-length masked cache
+    reads, a scratch slot for padding rows) give the eager steps' logits, bf16, while the batch
+    shrinks so rows left over from a larger step must not touch live caches."""
+    from cluster.config import load_config
+    from model.attention import StepLayout
+    from model.decode_graphs import DecodeGraphs
+    from model.transformer import Transformer
+
+    cfg = load_config(preset).model
+    torch.manual_seed(seed)
+    model = Transformer(cfg).cuda().to(torch.bfloat16).eval()
+    graphs = DecodeGraphs(model, 8)
+    eager_caches = model.new_cache(8)
+    lengths = [3, 9, 5, 12, 7]
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    with torch.no_grad():
+        for i, n in enumerate(lengths):  # the same eager prefill into both cache sets
+            prompt = torch.randint(0, cfg.vocab_size, (1, n), device="cuda", generator=gen)
+            layout = StepLayout.build(1, n, "cuda", slots=torch.tensor([i], device="cuda"))
+            for caches in (graphs.caches, eager_caches):
+                model(prompt, layout, caches)
+        for step, B in enumerate([5, 5, 3, 4, 2, 1, 5]):
+            tokens = torch.randint(0, cfg.vocab_size, (B, 1), device="cuda", generator=gen)
+            pos = torch.tensor([lengths[i] + step for i in range(B)], device="cuda")
+            layout = StepLayout.build(B, 1, "cuda", start_pos=pos, slots=torch.arange(B, device="cuda"),
+                                      all_real=True, kv_len=int(pos.max()) + 1)
+            at = torch.zeros(B, dtype=torch.long, device="cuda")
+            assert rel(graphs(tokens, layout, graphs.slot_caches, at), model(tokens, layout, eager_caches, at)) <= 2e-2
+    assert sorted(graphs.graphs) == [1, 2, 4, 8]
