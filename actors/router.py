@@ -16,11 +16,12 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import ray
 import torch
-from ray.exceptions import RayError
+from ray.exceptions import RayActorError, RayError
+from ray.util.placement_group import placement_group_table
 from torch import nn
 
 from actors.bundles import elastic_shard_options
@@ -120,26 +121,36 @@ class Router:
                 ray.kill(shard, no_restart=True)
             raise
 
-    def _new_shard_options(self, avoid: list[str], taken: set[int]) -> tuple[dict, int | None]:
-        """(options, bundle) for a new shard: a free bundle of the placement group when not
-        avoiding nodes, else a shard outside it that must avoid the given and dead nodes and
-        prefers live nodes holding fewest of this model's actors."""
-        for b, options in enumerate(self.bundle_options):
-            if options and not avoid and b not in taken:
-                return options, b
+    def _bundle_node(self, bundle: int) -> str | None:
+        strategy = self.bundle_options[bundle].get("scheduling_strategy")
+        pg = getattr(strategy, "placement_group", None)
+        if pg is None:
+            return None
+        return placement_group_table(pg).get("bundles_to_node_id", {}).get(bundle + 1)
+
+    def _new_shard_options(self, avoid: Iterable[str], away: Iterable[str], taken: set) -> tuple[dict, int | None]:
+        """(options, bundle) for a new shard. It must not go to `avoid` nodes (drained) or dead
+        ones, and should not go to `away` nodes (where a shard just died). A free bundle of the
+        placement group on an acceptable node comes first; else a shard outside the group on the
+        live nodes holding fewest of this model's actors, if they have room, or any other."""
         nodes = ray.nodes()
+        alive = {n["NodeID"] for n in nodes if n["Alive"]}
+        unwanted = set(avoid) | set(away)
+        for b, options in enumerate(self.bundle_options):
+            if options and b not in taken and self._bundle_node(b) in alive - unwanted:
+                return options, b
         avoid = sorted(set(avoid) | {n["NodeID"] for n in nodes if not n["Alive"]})
-        held = {n["NodeID"]: self.shard_nodes.count(n["NodeID"]) + (n["NodeID"] == self.node_id)
-                for n in nodes if n["Alive"] and n["NodeID"] not in avoid}
+        held = {n: self.shard_nodes.count(n) + (n == self.node_id) for n in alive - unwanted}
         fewest = min(held.values(), default=0)
         return elastic_shard_options(self.use_gpu, avoid, [n for n, k in held.items() if k == fewest]), None
 
-    def _start_new_shards(self, experts: list[list[list[int]]], avoid: list[str]) -> list[tuple]:
+    def _start_new_shards(self, experts: list[list[list[int]]], avoid: Iterable[str] = (),
+                          away: Iterable[str] = ()) -> list[tuple]:
         """(handle, node, bundle) of new shards, all up with their experts, or an error and none."""
         taken = {b for b in self.shard_bundles if b is not None}
         handles, bundles = [], []
         for ids in experts:
-            options, bundle = self._new_shard_options(avoid, taken)
+            options, bundle = self._new_shard_options(avoid, away, taken)
             taken.add(bundle)
             handles.append(self._start_shard(ids, options))
             bundles.append(bundle)
@@ -166,15 +177,22 @@ class Router:
     # --- one step -----------------------------------------------------------------------------
 
     def _dead_shards(self, refs: list) -> dict[int, str]:
-        """Which shards' step calls failed, with Ray's reason."""
+        """Which shards are gone, with Ray's reason. Called after the router left the group, so a
+        live shard's step call ends at once (its collective lost the router); a call that has not
+        ended within a few seconds belongs to a shard that is dead (its node may not be declared
+        dead yet) or hung, and is replaced either way."""
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=min(5.0, self.timeout_s))
         dead = {}
         for i, ref in enumerate(refs):
-            if ref in ready:
-                try:
-                    ray.get(ref)
-                except RayError as exc:
-                    dead[i] = type(exc).__name__
+            if ref not in ready:
+                dead[i] = "no answer"
+                continue
+            try:
+                ray.get(ref)
+            except RayActorError as exc:
+                dead[i] = type(exc).__name__
+            except RayError:
+                pass  # alive: its collective failed because a peer did
         return dead
 
     def _try_step(self, tokens: torch.Tensor, layout: StepLayout, caches: list[KVCache] | None,
@@ -184,9 +202,9 @@ class Router:
             logits = self.model(tokens, layout, caches, logits_at)
             ray.get(refs, timeout=self.timeout_s)
         except Exception as exc:
+            leave_group()  # unblocks the surviving shards' collectives
             dead = self._dead_shards(refs)
             names = [f"shard {i} ({reason})" for i, reason in dead.items()] or ["a shard's collective"]
-            leave_group()  # unblocks the surviving shards' collectives
             raise ShardFailure(f"{', '.join(names)} failed: {str(exc).splitlines()[0][:200]}", list(dead)) from exc
         return logits
 
@@ -220,7 +238,7 @@ class Router:
                 ray.kill(self.shards[i], no_restart=True)
                 self.shard_bundles[i] = None
             started_shards = self._start_new_shards([self.placement.shard_experts(i) for i in dead],
-                                                    [self.shard_nodes[i] for i in dead])
+                                                    away=[self.shard_nodes[i] for i in dead])
             for i, (shard, node, bundle) in zip(dead, started_shards):
                 self.shards[i], self.shard_nodes[i], self.shard_bundles[i] = shard, node, bundle
             self._form_group()
@@ -258,7 +276,7 @@ class Router:
         return event
 
     def reconfigure(self, placement: ExpertPlacement, keep: list[int | None], action: str = "place",
-                    avoid: list[str] = (), message: str = "") -> dict:
+                    avoid: Iterable[str] = (), message: str = "") -> dict:
         """Move to `placement` while serving; returns the event. keep[i] is the current shard that
         becomes shard i (None: a new one); current shards not kept are removed. New shards start
         and kept ones load their new experts beside the running steps; then, between two steps,
@@ -275,7 +293,8 @@ class Router:
                 prepares = [self.shards[k].prepare.remote(placement.shard_experts(i))
                             for i, k in enumerate(keep) if k is not None]
                 slots = [i for i, k in enumerate(keep) if k is None]
-                new = dict(zip(slots, self._start_new_shards([placement.shard_experts(i) for i in slots], avoid)))
+                new = dict(zip(slots, self._start_new_shards([placement.shard_experts(i) for i in slots], avoid,
+                                                             away=before["shard_nodes"])))
                 ray.get(prepares, timeout=self.elastic.start_timeout_s)
                 with self._step_lock:
                     if self.generation != generation or self._failure:
@@ -498,7 +517,7 @@ class Router:
         with self._step_lock:
             ray.kill(self.shards[index], no_restart=True)
             bundle = self.shard_bundles[index]
-            options = self.bundle_options[bundle] if bundle is not None else self._new_shard_options([], set())[0]
+            options = self.bundle_options[bundle] if bundle is not None else self._new_shard_options([], [], set())[0]
             self.shards[index] = self._start_shard(self.placement.shard_experts(index), options)
             self.shard_nodes[index] = self._wait_started([self.shards[index]])[0]
             self._form_group()

@@ -121,9 +121,10 @@ def test_concurrent_generate_is_batched_and_equals_alone(cluster, seed, tmp_path
 
 
 def test_killed_shard_is_an_error_then_replacement_restores_logits(cluster, seed, tmp_path):
+    """With failover off a dead shard is a clear error until `replace_shard`."""
     cfg, model = reference("tiny", seed)
     ckpt = save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict())
-    with ShardedModel.create(str(ckpt), num_shards=2) as sharded:
+    with ShardedModel.create(str(ckpt), num_shards=2, elastic={"failover": False}) as sharded:
         check_equal(sharded, model, seed)
         ray.kill(sharded.shard_handles()[1], no_restart=True)
         with pytest.raises(ray.exceptions.RayTaskError) as err:
@@ -156,4 +157,55 @@ def test_bad_inputs_are_clear_errors_and_the_model_keeps_serving(cluster, seed, 
             sharded.forward([[1, cfg.vocab_size]])
         with pytest.raises(ray.exceptions.RayTaskError, match="prompt 0: prompt is empty"):
             sharded.generate([[]], SamplingParams())
+        check_equal(sharded, model, seed)
+
+
+def test_replicas_and_live_replacement_keep_logits(cluster, seed, tmp_path):
+    """A placement with replicated experts, applied to the running model, gives the plain
+    placement's logits; the shards' counts show the replicas sharing their experts' tokens."""
+    cfg, model = reference("tiny", seed)
+    ckpt = save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict())
+    tokens = torch.randint(0, cfg.vocab_size, (4, 19), generator=torch.Generator().manual_seed(seed))
+    with ShardedModel.create(str(ckpt), num_shards=2) as sharded:
+        plain = sharded.forward(tokens)
+        replicated = [[[0, 1, 2, 3, 4, 5], [4, 5, 6, 7, 0]], [[7, 2, 3, 1], [1, 7, 0, 4, 5, 6, 2]]]
+        event = sharded.apply_placement(replicated)
+        assert event["ok"], event["message"]
+        assert event["before"]["placement"] != event["after"]["placement"] == replicated
+        assert (sharded.forward(tokens) - plain).abs().max() <= TOL
+        check_equal(sharded, model, seed)
+        per_expert = torch.zeros(cfg.n_moe_layers, cfg.moe.n_routed_experts, dtype=torch.long)
+        copies_used = 0
+        for s in sharded.shard_stats():
+            for layer, (ids, load) in enumerate(zip(s["expert_ids"], s["expert_load"])):
+                per_expert[layer, ids] += torch.tensor(load)
+                copies_used += sum(1 for e, n in zip(ids, load) if n > 0)
+        assert per_expert.sum() > 0 and copies_used > cfg.n_moe_layers * cfg.moe.n_routed_experts - 4
+
+
+def test_generation_continues_through_scale_rebalance_and_failover(cluster, seed, tmp_path):
+    """Sequences in flight keep their KV caches while shards are added, experts re-placed with
+    replicas, a shard is killed (replaced, step re-run) and shards removed: outputs equal the
+    single-process model's."""
+    cfg, model = reference("tiny", seed)
+    prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(seed + n)).tolist()
+               for n in (4, 9, 6)]
+    params = SamplingParams(max_new_tokens=40, temperature=0.0)
+    expected = generate(model, prompts, params)
+    ckpt = save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict())
+    with ShardedModel.create(str(ckpt), num_shards=2, elastic={"redundant_experts": 2}) as sharded:
+        for round_ in range(2):
+            pending = sharded.router.generate.remote(prompts, params)
+            if round_ == 0:
+                events = [sharded.scale_shards(3), sharded.rebalance()]
+            else:
+                ray.kill(sharded.shard_handles()[0], no_restart=True)
+                assert ray.get(pending, timeout=300) == expected
+                pending = sharded.router.generate.remote(prompts, params)
+                events = [sharded.scale_shards(2)]
+            assert all(e["ok"] for e in events), [e["message"] for e in events]
+            assert ray.get(pending, timeout=300) == expected
+        status = sharded.elastic_status()
+        assert [e["action"] for e in status["events"]] == ["scale", "rebalance", "failover", "scale"]
+        assert len(status["shards"]) == 2 and all(s["alive"] for s in status["shards"])
         check_equal(sharded, model, seed)
