@@ -128,11 +128,13 @@ class Router:
             return None
         return placement_group_table(pg).get("bundles_to_node_id", {}).get(bundle + 1)
 
-    def _new_shard_options(self, avoid: Iterable[str], away: Iterable[str], taken: set) -> tuple[dict, int | None]:
+    def _new_shard_options(self, avoid: Iterable[str], away: Iterable[str], taken: set,
+                           planned: list[str]) -> tuple[dict, int | None]:
         """(options, bundle) for a new shard. It must not go to `avoid` nodes (drained) or dead
         ones, and should not go to `away` nodes (where a shard just died). A free bundle of the
-        placement group on an acceptable node comes first; else a shard outside the group on the
-        live nodes holding fewest of this model's actors, if they have room, or any other."""
+        placement group on an acceptable node comes first; else a shard outside the group that
+        prefers the live node holding fewest of this model's actors (`planned`: nodes already
+        picked for shards starting with it), and takes another one if that node has no room."""
         nodes = ray.nodes()
         alive = {n["NodeID"] for n in nodes if n["Alive"]}
         unwanted = set(avoid) | set(away)
@@ -140,17 +142,19 @@ class Router:
             if options and b not in taken and self._bundle_node(b) in alive - unwanted:
                 return options, b
         avoid = sorted(set(avoid) | {n["NodeID"] for n in nodes if not n["Alive"]})
-        held = {n: self.shard_nodes.count(n) + (n == self.node_id) for n in alive - unwanted}
-        fewest = min(held.values(), default=0)
-        return elastic_shard_options(self.use_gpu, avoid, [n for n, k in held.items() if k == fewest]), None
+        held = {n: self.shard_nodes.count(n) + planned.count(n) + (n == self.node_id) for n in alive - unwanted}
+        target = min(sorted(held), key=held.get, default=None)
+        if target is not None:
+            planned.append(target)
+        return elastic_shard_options(self.use_gpu, avoid, [target] if target else []), None
 
     def _start_new_shards(self, experts: list[list[list[int]]], avoid: Iterable[str] = (),
                           away: Iterable[str] = ()) -> list[tuple]:
         """(handle, node, bundle) of new shards, all up with their experts, or an error and none."""
         taken = {b for b in self.shard_bundles if b is not None}
-        handles, bundles = [], []
+        handles, bundles, planned = [], [], []
         for ids in experts:
-            options, bundle = self._new_shard_options(avoid, away, taken)
+            options, bundle = self._new_shard_options(avoid, away, taken, planned)
             taken.add(bundle)
             handles.append(self._start_shard(ids, options))
             bundles.append(bundle)
@@ -516,10 +520,13 @@ class Router:
         """Start a new shard with the same experts in the old one's place and re-form the group."""
         with self._step_lock:
             ray.kill(self.shards[index], no_restart=True)
-            bundle = self.shard_bundles[index]
-            options = self.bundle_options[bundle] if bundle is not None else self._new_shard_options([], [], set())[0]
-            self.shards[index] = self._start_shard(self.placement.shard_experts(index), options)
-            self.shard_nodes[index] = self._wait_started([self.shards[index]])[0]
+            if self.shard_bundles[index] is None:
+                self.shards[index], self.shard_nodes[index], self.shard_bundles[index] = \
+                    self._start_new_shards([self.placement.shard_experts(index)])[0]
+            else:
+                self.shards[index] = self._start_shard(self.placement.shard_experts(index),
+                                                       self.bundle_options[self.shard_bundles[index]])
+                self.shard_nodes[index] = self._wait_started([self.shards[index]])[0]
             self._form_group()
 
     def shutdown(self) -> None:

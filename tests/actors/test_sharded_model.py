@@ -7,12 +7,13 @@ spread across its nodes and talk over gloo.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import ray
 import torch
 from ray.cluster_utils import Cluster
-from ray.util.placement_group import placement_group_table
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
 from actors.router import ShardFailure
 from cluster.sharded import ShardedModel
@@ -209,3 +210,61 @@ def test_generation_continues_through_scale_rebalance_and_failover(cluster, seed
         assert [e["action"] for e in status["events"]] == ["scale", "rebalance", "failover", "scale"]
         assert len(status["shards"]) == 2 and all(s["alive"] for s in status["shards"])
         check_equal(sharded, model, seed)
+
+
+def test_failover_without_resources_is_a_clear_error_then_recovers(cluster, seed, tmp_path):
+    """A dead shard that cannot be replaced (no free CPU anywhere) fails the step with the reason,
+    in the request and in the status, instead of hanging; once resources return it can be replaced."""
+    cfg, model = reference("tiny", seed)
+    ckpt = save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict())
+    with ShardedModel.create(str(ckpt), num_shards=2, elastic={"start_timeout_s": 5}) as sharded:
+        free = int(ray.available_resources().get("CPU", 0))
+        blocker = placement_group([{"CPU": 1}] * free)
+        ray.get(blocker.ready(), timeout=60)
+        try:
+            ray.kill(sharded.shard_handles()[1], no_restart=True)
+            with pytest.raises(ray.exceptions.RayTaskError, match="no node has the resources"):
+                sharded.forward([[1, 2, 3]])
+            status = sharded.elastic_status()
+            assert "no node has the resources" in status["failure"]
+            assert status["events"][-1]["action"] == "failover" and not status["events"][-1]["ok"]
+        finally:
+            remove_placement_group(blocker)
+        sharded.replace_shard(1)
+        check_equal(sharded, model, seed)
+
+
+def skewed_model(cfg, seed: int, hot: list[int]):
+    """Routing that prefers a few experts: their selection bias is raised in every layer."""
+    model = build_model(cfg, seed)
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.expert_bias[hot] += 0.6
+    return model
+
+
+def test_controller_rebalances_a_skewed_load(cluster, seed, tmp_path):
+    """With a few hot experts the contiguous placement is unbalanced; the controller notices in
+    its window and re-places experts with replicas, after which the shards' measured load is
+    within 1.15 of even, and answers are unchanged."""
+    cfg, _ = reference("tiny", seed)
+    model = skewed_model(cfg, seed, hot=[0, 1, 2])
+    prompts = [torch.randint(3, cfg.vocab_size, (12,), generator=torch.Generator().manual_seed(seed + i)).tolist()
+               for i in range(6)]
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    expected = generate(model, prompts, params)
+    ckpt = save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict())
+    elastic = {"rebalance": True, "threshold": 1.15, "interval_s": 0.5, "min_window_tokens": 200,
+               "redundant_experts": 3}
+    with ShardedModel.create(str(ckpt), num_shards=2, elastic=elastic) as sharded:
+        assert sharded.generate(prompts, params) == expected
+        deadline = time.time() + 60
+        while time.time() < deadline and not sharded.elastic_status()["events"]:
+            time.sleep(0.5)
+        event = sharded.elastic_status()["events"][0]
+        assert event["action"] == "auto-rebalance" and event["ok"], event
+        print(f"imbalance: contiguous {event['before']['imbalance']:.3f} -> rebalanced {event['after']['imbalance']:.3f}")
+        assert event["before"]["imbalance"] > 1.3 and event["after"]["imbalance"] <= 1.15
+        assert sharded.generate(prompts, params) == expected
+        measured = [sum(sum(layer) for layer in s["expert_load"]) for s in sharded.shard_stats()]
+        assert max(measured) / (sum(measured) / len(measured)) <= 1.15, measured

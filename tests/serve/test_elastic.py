@@ -11,6 +11,10 @@ scale-out and drain start, so killing a worker takes down shards only.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import sysconfig
 import threading
 import time
@@ -98,6 +102,13 @@ def served(tmp_path_factory):
     c.shutdown()
 
 
+def moray(*args: str) -> subprocess.CompletedProcess:
+    """The `moray` CLI in a subprocess, against this module's cluster."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args, "--address", ray.get_runtime_context().gcs_address],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
 def shard_nodes() -> list[str]:
     return [s["node_id"] for s in experts.experts_status("moray")["shards"]]
 
@@ -110,8 +121,7 @@ def test_scale_rebalance_drain_and_node_failure_lose_no_request(served):
         t.start()
     try:
         load.wait_for(3)
-        event = experts.scale_shards("moray", 3)
-        assert event["ok"], event["message"]
+        assert moray("shards", "scale", "3").returncode == 0  # the CLI against this cluster
         assert len(shard_nodes()) == 3 and set(shard_nodes()) & set(workers), "the new shard should use a new node"
         load.wait_for(3)
 
@@ -151,5 +161,16 @@ def test_scale_rebalance_drain_and_node_failure_lose_no_request(served):
     wrong = [(p, text) for p, text in load.answers if text != served["expected"][p]]
     assert not wrong, wrong[:3]
     print(f"{len(load.answers)} answers, all equal to the single-process model's")
-    assert [e["action"] for e in experts.experts_status("moray")["events"]] == [
-        "scale", "rebalance", "scale", "drain", "failover"]
+    events = experts.experts_status("moray")["events"]
+    print("events:", [(e["action"], round(e["duration_s"], 2), e["message"][:80]) for e in events])
+    assert [e["action"] for e in events] == ["scale", "rebalance", "scale", "drain", "failover"]
+    status = json.loads(moray("cluster", "status", "--json").stdout)
+    assert len(status["experts"]["shards"]) == 2 and len(status["nodes"]) == 3
+    assert status["applications"]["moray"]["deployments"]["MoEModel"] == {"RUNNING": 1}
+
+
+def test_cli_rejects_a_broken_placement_file(served, tmp_path):
+    path = tmp_path / "placement.yaml"
+    path.write_text("- [0, 1, 2, 3]\n- [4, 5, 6, 9]\n")
+    proc = moray("experts", "place", str(path))
+    assert proc.returncode == 2 and "out of range [9]" in proc.stderr and len(proc.stderr.splitlines()) == 1
