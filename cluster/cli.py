@@ -227,6 +227,7 @@ def _connect(address: str | None) -> None:
         ray.init(address=address or "auto", logging_level=logging.ERROR, log_to_driver=False)
     except ConnectionError as exc:
         raise ExpertsError(f"no Ray cluster at {address or 'auto'}: {str(exc).splitlines()[0]}") from None
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the handle's INFO lines are not the answer
 
 
 def _print_event(event: dict) -> int:
