@@ -110,16 +110,18 @@ def _start_ray(address: str | None, num_cpus: int | None = None):
                     dashboard_host="127.0.0.1")
 
 
-def deploy(checkpoint_dir: str, port: int, num_shards: int, use_gpu: bool = False, grpc_port: int = 9000) -> str:
-    """Start (or update) the moray Serve application; returns the HTTP endpoint."""
+def deploy(checkpoint_dir: str, port: int, num_shards: int, use_gpu: bool = False, grpc_port: int = 9000,
+           elastic: dict | None = None) -> str:
+    """Start (or update) the moray Serve application; returns the HTTP endpoint.
+    elastic: `cluster.elastic` settings (failover, rebalancing, shard autoscaling per replica)."""
     from ray import serve
 
     from serve.app import GRPC_SERVICER, build_app
 
     serve.start(http_options={"host": "127.0.0.1", "port": port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]})
-    serve.run(build_app({"checkpoint": checkpoint_dir, "num_shards": num_shards, "use_gpu": use_gpu}),
-              name="moray", route_prefix="/")
+    serve.run(build_app({"checkpoint": checkpoint_dir, "num_shards": num_shards, "use_gpu": use_gpu,
+                         "elastic": elastic}), name="moray", route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
 
@@ -137,9 +139,15 @@ def _wait_forever() -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from model.checkpoint import load_config as load_checkpoint_config
 
+    from dataclasses import asdict
+
+    from cluster.config import load_cluster_config
+
     name = load_checkpoint_config(args.checkpoint).name  # a bad checkpoint fails here, with one line
+    cluster_cfg = load_cluster_config(args.overrides)  # and a bad cluster.* override here
     context = _start_ray(args.address)
-    endpoint = deploy(str(Path(args.checkpoint).resolve()), args.port, args.num_shards, args.use_gpu, args.grpc_port)
+    endpoint = deploy(str(Path(args.checkpoint).resolve()), args.port, args.num_shards, args.use_gpu, args.grpc_port,
+                      asdict(cluster_cfg.elastic))
     print(f"model {name!r} served with {args.num_shards} expert shards")
     print(f"gRPC endpoint: 127.0.0.1:{args.grpc_port}  (serve/moray.proto, metadata application=moray)")
     print(f"OpenAI-compatible endpoint: {endpoint}/v1  (completions, chat/completions, models; health: {endpoint}/health)")
@@ -374,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_cmd = commands.add_parser("serve", help="serve a checkpoint: OpenAI-compatible HTTP on Ray Serve")
     serve_cmd.add_argument("checkpoint", help="moray model checkpoint directory (a training run's model/)")
+    serve_cmd.add_argument("overrides", nargs="*", help="cluster config overrides, e.g. cluster.elastic.rebalance=true "
+                           "cluster.elastic.threshold=1.2 cluster.elastic.redundant_experts=4")
     serve_cmd.add_argument("--address", help="Ray cluster to deploy to (default: an embedded local one)")
     serve_cmd.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default 8000)")
     serve_cmd.add_argument("--grpc-port", type=int, default=9000, help="gRPC port (default 9000)")
