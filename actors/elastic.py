@@ -90,10 +90,11 @@ class LoadWindow:
         return torch.stack([load for _, load in self.steps]).sum(0)
 
     def tokens_per_s(self) -> float:
-        """Routed token copies per second over the window (0 until two steps are in it)."""
+        """Routed token copies per second from the window's first step until now, so the rate
+        falls while the model is idle (0 until two steps are in the window)."""
         if len(self.steps) < 2:
             return 0.0
-        span = self.steps[-1][0] - self.steps[0][0]
+        span = time.time() - self.steps[0][0]
         return float(sum(int(load.sum()) for _, load in list(self.steps)[1:])) / max(span, 1e-6)
 
     def clear(self) -> None:

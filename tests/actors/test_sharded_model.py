@@ -268,3 +268,29 @@ def test_controller_rebalances_a_skewed_load(cluster, seed, tmp_path):
         assert sharded.generate(prompts, params) == expected
         measured = [sum(sum(layer) for layer in s["expert_load"]) for s in sharded.shard_stats()]
         assert max(measured) / (sum(measured) / len(measured)) <= 1.15, measured
+
+
+def test_controller_scales_shards_by_load(cluster, seed):
+    """Under load, above scale_up_tokens_s routed tokens/s per shard, the controller adds a shard
+    (up to max_shards); once idle, below scale_down_tokens_s, it removes one again. Answers stay."""
+    cfg = tiny_config("tiny")
+    torch.manual_seed(seed)
+    model = Transformer(cfg).eval()
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    params = SamplingParams(max_new_tokens=16, temperature=0.0)
+    expected = generate(model, prompts, params)
+    elastic = {"autoscale": True, "scale_up_tokens_s": 5.0, "scale_down_tokens_s": 2.0, "min_shards": 2,
+               "max_shards": 3, "interval_s": 0.5, "window_steps": 8}
+    with ShardedModel.create(cfg, num_shards=2, seed=seed, elastic=elastic) as sharded:
+        answers = []
+        for _ in range(60):  # load until the controller has scaled out (bounded)
+            answers.append(sharded.generate(prompts, params))
+            if sharded.elastic_status()["events"]:
+                break
+        deadline = time.time() + 90
+        while time.time() < deadline and len(sharded.elastic_status()["events"]) < 2:
+            time.sleep(0.5)
+        events = sharded.elastic_status()["events"]
+        assert [(e["action"], e["message"], e["ok"]) for e in events] == [
+            ("auto-scale", "2 -> 3 shards", True), ("auto-scale", "3 -> 2 shards", True)], events
+        assert all(a == expected for a in answers) and sharded.generate(prompts, params) == expected
