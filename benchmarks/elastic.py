@@ -15,6 +15,7 @@ Runs on CPU (gloo) and on GPU (--use-gpu: one GPU per router and per shard, NCCL
 skips the scale events).
 
 Run: python benchmarks/elastic.py --preset tiny
+     python benchmarks/elastic.py --preset tiny model.moe.moe_inter_dim=2048 --prompt-len 64   # expert-bound
      python benchmarks/elastic.py --preset small --use-gpu --shards 1 --scale-to 1
 """
 
@@ -82,8 +83,8 @@ class Clients:
             t.join(timeout=600)
 
 
-def skewed_checkpoint(preset: str, hot: int, bias: float, path: Path, seed: int = 0):
-    cfg = load_config(preset).model
+def skewed_checkpoint(preset: str, overrides: list[str], hot: int, bias: float, path: Path, seed: int = 0):
+    cfg = load_config(preset, overrides).model
     torch.manual_seed(seed)
     model = Transformer(cfg).eval()
     with torch.no_grad():
@@ -95,6 +96,8 @@ def skewed_checkpoint(preset: str, hot: int, bias: float, path: Path, seed: int 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
+    parser.add_argument("overrides", nargs="*", help="model dotlist overrides, e.g. model.moe.moe_inter_dim=1024")
+    parser.add_argument("--prompt-len", type=int, default=12, help="mean prompt length (prefill rows per request)")
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--scale-to", type=int, default=3)
     parser.add_argument("--clients", type=int, default=4)
@@ -107,9 +110,10 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="moray-elastic-"))
-    cfg, reference, ckpt = skewed_checkpoint(args.preset, args.hot, args.bias, work / "ckpt")
+    cfg, reference, ckpt = skewed_checkpoint(args.preset, args.overrides, args.hot, args.bias, work / "ckpt")
     gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=gen).tolist() for n in (5, 11, 8, 16, 3, 9)]
+    lengths = [max(1, round(args.prompt_len * f)) for f in (0.4, 0.9, 0.7, 1.3, 0.25, 0.75, 1.5, 1.2)]
+    prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=gen).tolist() for n in lengths]
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=0.0)
     expected = None if args.use_gpu else generate(reference, prompts, params)
     ray.init(address="local", num_cpus=max(8, args.scale_to + 3), include_dashboard=False)
@@ -183,7 +187,7 @@ def main() -> None:
         mismatches += out != want
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.node()} ({torch.get_num_threads()} torch "
             f"threads{', ' + torch.cuda.get_device_name() if args.use_gpu else ''})", "preset": args.preset,
-            "shards": args.shards, "scale_to": args.scale_to, "clients": args.clients, "max_tokens": args.max_tokens,
+            "overrides": args.overrides, "prompt_len": args.prompt_len, "shards": args.shards, "scale_to": args.scale_to, "clients": args.clients, "max_tokens": args.max_tokens,
             "hot_experts": args.hot, "requests": len(clients.done), "errors": len(clients.errors),
             "answers_differing": mismatches, "compared_with": "single-process model" if expected else "first answer"}
     print(json.dumps(meta))
