@@ -74,6 +74,7 @@ class Router:
         self._failure: str | None = None
         self._step_lock = threading.RLock()
         self._admin_lock = threading.Lock()  # one re-placement at a time
+        self._state_lock = threading.Lock()  # shards, their nodes and the placement change together
         self._form_group()
 
         self.total_load = torch.zeros(cfg.n_moe_layers, cfg.moe.n_routed_experts, dtype=torch.long)
@@ -243,8 +244,9 @@ class Router:
                 self.shard_bundles[i] = None
             started_shards = self._start_new_shards([self.placement.shard_experts(i) for i in dead],
                                                     away=[self.shard_nodes[i] for i in dead])
-            for i, (shard, node, bundle) in zip(dead, started_shards):
-                self.shards[i], self.shard_nodes[i], self.shard_bundles[i] = shard, node, bundle
+            with self._state_lock:
+                for i, (shard, node, bundle) in zip(dead, started_shards):
+                    self.shards[i], self.shard_nodes[i], self.shard_bundles[i] = shard, node, bundle
             self._form_group()
         except Exception as exc:
             self._failure = f"{failure}; no replacement: {str(exc).splitlines()[0][:300]}"
@@ -266,9 +268,11 @@ class Router:
         return imbalance((placement or self.placement).shard_load(load_LE))
 
     def _snapshot(self) -> dict:
-        shard_load = self.placement.shard_load(self.window_load())
-        return {"placement": self.placement.to_lists(), "shard_load": shard_load.sum(0).tolist(),
-                "imbalance": imbalance(shard_load), "shard_nodes": list(self.shard_nodes)}
+        with self._state_lock:
+            placement, nodes = self.placement, list(self.shard_nodes)
+        shard_load = placement.shard_load(self.window_load())
+        return {"placement": placement.to_lists(), "shard_load": shard_load.sum(0).tolist(),
+                "imbalance": imbalance(shard_load), "shard_nodes": nodes}
 
     def _record(self, action: str, started: float, before: dict, ok: bool, message: str) -> dict:
         event = {"time": started, "action": action, "before": before, "after": self._snapshot(),
@@ -306,11 +310,12 @@ class Router:
                     ray.get([self.shards[k].commit.remote() for k in keep if k is not None], timeout=self.timeout_s)
                     removed = [s for j, s in enumerate(self.shards) if j not in keep]
                     old = list(zip(self.shards, self.shard_nodes, self.shard_bundles))
-                    self.shards, self.shard_nodes, self.shard_bundles = (
-                        list(x) for x in zip(*[old[k] if k is not None else new[i] for i, k in enumerate(keep)]))
+                    with self._state_lock:
+                        self.shards, self.shard_nodes, self.shard_bundles = (list(x) for x in zip(
+                            *[old[k] if k is not None else new[i] for i, k in enumerate(keep)]))
+                        self._install(placement)
                     if new or removed:
                         self._form_group()
-                    self._install(placement)
             except Exception as exc:
                 for shard, _, _ in new.values():
                     ray.kill(shard, no_restart=True)
@@ -362,20 +367,22 @@ class Router:
 
     def elastic_status(self) -> dict:
         """Placement, window load, imbalance, shards, events and controller settings (JSON-able)."""
+        with self._state_lock:
+            placement, shards = self.placement, list(zip(self.shards, self.shard_nodes, self.shard_bundles))
         load = self.window_load()
-        shard_load = self.placement.shard_load(load)
-        alive = self._alive()
+        shard_load = placement.shard_load(load)
+        alive = self._alive([shard for shard, _, _ in shards])
         value = imbalance(shard_load)
         self.metrics.observe_load(load, shard_load.sum(0), value)
         return {
-            "placement": self.placement.to_lists(),
+            "placement": placement.to_lists(),
             "load": load.tolist(),
             "shard_load": shard_load.sum(0).tolist(),
             "imbalance": value,
-            "shards": [{"index": i, "node_id": node, "alive": alive[i], "bundle": self.shard_bundles[i],
-                        "n_experts": sum(len(ids) for ids in self.placement.shard_experts(i)),
-                        "experts_per_layer": [len(ids) for ids in self.placement.shard_experts(i)]}
-                       for i, node in enumerate(self.shard_nodes)],
+            "shards": [{"index": i, "node_id": node, "alive": alive[i], "bundle": bundle,
+                        "n_experts": sum(len(ids) for ids in placement.shard_experts(i)),
+                        "experts_per_layer": [len(ids) for ids in placement.shard_experts(i)]}
+                       for i, (_, node, bundle) in enumerate(shards)],
             "router_node_id": self.node_id,
             "generation": self.generation,
             "failure": self._failure,
@@ -383,8 +390,9 @@ class Router:
             "controller": self.controller.describe(),
         }
 
-    def _alive(self) -> list[bool]:
-        refs = [shard.node_id.remote() for shard in self.shards]
+    @staticmethod
+    def _alive(shards: list) -> list[bool]:
+        refs = [shard.node_id.remote() for shard in shards]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5.0)
         alive = []
         for ref in refs:

@@ -280,6 +280,11 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
           f"{len(experts['shards'])} shards, imbalance {experts['imbalance']:.3f}, "
           f"controller {'on' if experts['controller']['enabled'] else 'off'}"
           f"{', FAILED: ' + experts['failure'] if experts['failure'] else ''}")
+    for layer, shards in enumerate(experts["placement"]):
+        held = [e for ids in shards for e in ids]
+        replicated = sorted({e for e in held if held.count(e) > 1})
+        print(f"  MoE layer {layer}: {len(held)} expert copies on {len(shards)} shards"
+              f"{', replicated ' + str(replicated) if replicated else ''}")
     for shard, load in zip(experts["shards"], experts["shard_load"]):
         per_layer = "/".join(str(n) for n in shard["experts_per_layer"])
         print(f"  shard {shard['index']}  node {shard['node_id'][:12]}  {'alive' if shard['alive'] else 'DEAD '}  "

@@ -169,7 +169,11 @@ def test_scale_rebalance_drain_and_node_failure_lose_no_request(served):
     assert status["applications"]["moray"]["deployments"]["MoEModel"] == {"RUNNING": 1}
 
 
-def test_cli_rejects_a_broken_placement_file(served, tmp_path):
+def test_cli_status_table_and_a_broken_placement_file(served, tmp_path):
+    table = moray("cluster", "status")
+    assert table.returncode == 0, table.stderr
+    assert "experts of 'moray'" in table.stdout and "imbalance" in table.stdout and "shard 1" in table.stdout
+    assert "MoE layer 1: 10 expert copies on 2 shards, replicated" in table.stdout
     path = tmp_path / "placement.yaml"
     path.write_text("- [0, 1, 2, 3]\n- [4, 5, 6, 9]\n")
     proc = moray("experts", "place", str(path))
