@@ -304,27 +304,39 @@ class Router:
                 new = dict(zip(slots, self._start_new_shards([placement.shard_experts(i) for i in slots], avoid,
                                                              away=before["shard_nodes"])))
                 ray.get(prepares, timeout=self.elastic.start_timeout_s)
-                with self._step_lock:
-                    if self.generation != generation or self._failure:
-                        raise ShardFailure("a shard failed while the new placement loaded; nothing changed")
-                    ray.get([self.shards[k].commit.remote() for k in keep if k is not None], timeout=self.timeout_s)
-                    removed = [s for j, s in enumerate(self.shards) if j not in keep]
-                    old = list(zip(self.shards, self.shard_nodes, self.shard_bundles))
-                    with self._state_lock:
-                        self.shards, self.shard_nodes, self.shard_bundles = (list(x) for x in zip(
-                            *[old[k] if k is not None else new[i] for i, k in enumerate(keep)]))
-                        self._install(placement)
+            except Exception as exc:
+                return self._abandon(action, started, before, new, str(exc).splitlines()[0][:300])
+            with self._step_lock:
+                if self.generation != generation or self._failure:
+                    return self._abandon(action, started, before, new,
+                                         "a shard failed while the new placement loaded; nothing changed")
+                commits = [self.shards[k].commit.remote() for k in keep if k is not None]
+                ray.wait(commits, num_returns=len(commits), timeout=self.timeout_s)
+                # the kept shards hold the new stacks now: the router follows, whatever else happens
+                # (a shard that died meanwhile fails the next step and failover replaces it)
+                removed = [s for j, s in enumerate(self.shards) if j not in keep]
+                old = list(zip(self.shards, self.shard_nodes, self.shard_bundles))
+                with self._state_lock:
+                    self.shards, self.shard_nodes, self.shard_bundles = (list(x) for x in zip(
+                        *[old[k] if k is not None else new[i] for i, k in enumerate(keep)]))
+                    self._install(placement)
+                try:
                     if new or removed:
                         self._form_group()
-            except Exception as exc:
-                for shard, _, _ in new.values():
-                    ray.kill(shard, no_restart=True)
-                return self._record(action, started, before, False, str(exc).splitlines()[0][:300])
+                except Exception as exc:  # the next step fails over
+                    leave_group()
+                    message = f"{message}; group not re-formed: {str(exc).splitlines()[0][:200]}"
             for shard in removed:
                 ray.kill(shard, no_restart=True)
             after = imbalance(placement.shard_load(self.window_load()))
             return self._record(action, started, before, True,
                                 message or f"imbalance {before['imbalance']:.3f} -> {after:.3f}")
+
+    def _abandon(self, action: str, started: float, before: dict, new: dict, message: str) -> dict:
+        """A re-placement that failed before the switch: new shards go, nothing else changed."""
+        for shard, _, _ in new.values():
+            ray.kill(shard, no_restart=True)
+        return self._record(action, started, before, False, message)
 
     def _keep_for(self, n: int) -> list[int | None]:
         """Which current shards stay when there are to be n: on scale-in, shards outside the
