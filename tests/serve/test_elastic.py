@@ -178,3 +178,39 @@ def test_cli_status_table_and_a_broken_placement_file(served, tmp_path):
     path.write_text("- [0, 1, 2, 3]\n- [4, 5, 6, 9]\n")
     proc = moray("experts", "place", str(path))
     assert proc.returncode == 2 and "out of range [9]" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+def test_shards_that_cannot_be_replaced_answer_503_with_the_reason():
+    """The ingress's error handler on loopback: the router's ShardFailure, as Ray delivers it
+    (wrapped in a RayTaskError), becomes an OpenAI-style 503 naming the reason."""
+    import uvicorn
+    from fastapi import FastAPI
+    from ray.exceptions import RayTaskError
+
+    from actors.router import ShardFailure
+    from serve.openai_api import register_error_handlers
+
+    app = FastAPI()
+    register_error_handlers(app)
+    reason = "shard 1 (ActorDiedError) failed; no replacement: no node has the resources for one (1 CPU)"
+
+    @app.get("/v1/fail")
+    async def fail():
+        raise RayTaskError("generate", "Traceback (most recent call last): ...", ShardFailure(reason)).as_instanceof_cause()
+
+    port = free_port("127.0.0.1")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(100):  # bounded wait for the server to listen
+            if server.started:
+                break
+            time.sleep(0.1)
+        r = requests.get(f"http://127.0.0.1:{port}/v1/fail", timeout=30)
+        assert r.status_code == 503
+        assert r.json()["error"] == {"message": reason, "type": "server_error", "param": None,
+                                     "code": "shards_unavailable"}
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
