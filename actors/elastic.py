@@ -158,7 +158,9 @@ class Controller:
         if self.cfg.autoscale and per_shard_s < self.cfg.scale_down_tokens_s and n > self.cfg.min_shards:
             return "scale", n - 1
         if self.cfg.rebalance and load.sum() >= self.cfg.min_window_tokens and imbalance > self.cfg.threshold:
-            return "rebalance", n
+            # only when it helps: a load the spare copies cannot even out must not cause churn
+            if self.router.imbalance_of(load, self.router.balanced_for(n)) < imbalance - 0.01:
+                return "rebalance", n
         return None
 
     def _run(self) -> None:

@@ -346,14 +346,15 @@ class Router:
         order = sorted(range(self.n_shards), key=lambda i: (self.shard_bundles[i] is None, i))
         return sorted(order[:n])
 
-    def _balanced(self, n: int) -> ExpertPlacement:
+    def balanced_for(self, n: int) -> ExpertPlacement:
+        """The balanced placement on n shards for the window's load."""
         E = self.cfg.moe.n_routed_experts
         redundant = min(self.elastic.redundant_experts, E * (n - 1))
         return balanced_placement(self.window_load(), n, redundant)
 
     def rebalance(self, action: str = "rebalance") -> dict:
         """Re-place experts (with replicas of hot ones, `redundant_experts`) by the window's load."""
-        return self.reconfigure(self._balanced(self.n_shards), list(range(self.n_shards)), action)
+        return self.reconfigure(self.balanced_for(self.n_shards), list(range(self.n_shards)), action)
 
     def apply_placement(self, lists: list, action: str = "place") -> dict:
         """An explicit placement: [layer][shard] -> expert ids (or one [shard] -> ids for every
@@ -366,7 +367,7 @@ class Router:
         if not 1 <= n <= self.cfg.moe.n_routed_experts:
             raise ValueError(f"number of shards must be between 1 and the {self.cfg.moe.n_routed_experts} experts, "
                              f"got {n}")
-        return self.reconfigure(self._balanced(n), self._keep_for(n), action,
+        return self.reconfigure(self.balanced_for(n), self._keep_for(n), action,
                                 message=f"{self.n_shards} -> {n} shards")
 
     def drain_node(self, node_id: str) -> dict:
