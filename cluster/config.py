@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from actors.elastic import ElasticConfig, check_elastic_config
 from model.config import ConfigError, ModelConfig, check_model_config, merge_checked
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "manifests" / "models"
@@ -66,6 +67,8 @@ class ClusterConfig:
     address: str | None = None
     num_cpus: int | None = None
     host: str = "127.0.0.1"
+    # elastic experts of each served model copy: failover, rebalancing, shard autoscaling
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
 
 
 @dataclass
@@ -78,6 +81,24 @@ class MorayConfig:
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_cluster_config(overrides: list[str] | tuple[str, ...] = ()) -> ClusterConfig:
+    """Only the `cluster` section from dotlist overrides (`cluster.elastic.rebalance=true`), checked
+    against the same schema; for commands that take a checkpoint rather than a preset."""
+    cfg = OmegaConf.structured(ClusterConfig)
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.startswith("cluster."):
+            raise ConfigError(f"override {item!r}: expected cluster.<key>=value")
+        try:
+            dot = OmegaConf.from_dotlist([item[len("cluster."):]])
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"override {item!r}: {str(exc).splitlines()[0]}") from None
+        cfg = merge_checked(cfg, dot, f"override {item!r}")
+    obj: ClusterConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    check_elastic_config(obj.elastic)
+    return obj
 
 
 def _resolve_source(name_or_path: str) -> Path:
@@ -111,6 +132,7 @@ def load_config(name_or_path: str = "tiny", overrides: list[str] | tuple[str, ..
     obj: MorayConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     check_model_config(obj.model)
     check_train_config(obj.train, obj.model)
+    check_elastic_config(obj.cluster.elastic)
     return obj
 
 
