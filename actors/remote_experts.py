@@ -1,8 +1,10 @@
 """The router's stand-in for a MoE layer's routed experts: the same call as `RoutedExperts`, but
-the rows travel to the shards that own their experts and the results come back.
+the rows travel to the shards that hold their experts and the results come back.
 
 Swapping this module into a plain `Transformer` makes the router: attention, gates, shared
-experts and the head run locally, unchanged; only the expert products move.
+experts and the head run locally, unchanged; only the expert products move. An expert held by
+several shards (a replica) has its rows split into equal consecutive parts, one per copy, so
+every row is computed exactly once by an identical copy of the weights.
 """
 
 from __future__ import annotations
@@ -14,27 +16,39 @@ from actors.transport import router_dispatch
 
 
 class RemoteExperts(nn.Module):
-    def __init__(self, shard_experts: tuple[tuple[int, ...], ...]):
+    def __init__(self, shard_experts: tuple[tuple[int, ...], ...], n_experts: int):
         super().__init__()
         self.shard_experts = shard_experts
-        self.register_buffer("send_order", torch.tensor([e for s in shard_experts for e in s], dtype=torch.long),
-                             persistent=False)
-        self.contiguous = bool(torch.equal(self.send_order, torch.arange(self.send_order.numel())))
+        copies = [e for s in shard_experts for e in s]  # one entry per expert copy, in send order
+        self.register_buffer("send_order", torch.tensor(copies, dtype=torch.long), persistent=False)
+        replicas = torch.bincount(self.send_order, minlength=n_experts)
+        # which copy of its expert each entry is (0 for the first shard that holds it, ...)
+        seen: dict[int, int] = {}
+        copy_index = []
+        for e in copies:
+            copy_index.append(seen.get(e, 0))
+            seen[e] = copy_index[-1] + 1
+        self.register_buffer("replicas", replicas[self.send_order], persistent=False)
+        self.register_buffer("copy_index", torch.tensor(copy_index, dtype=torch.long), persistent=False)
+        self.contiguous = bool(torch.equal(self.send_order, torch.arange(n_experts)))
+
+    def _copy_counts(self, counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows per expert copy in send order, and where each copy's rows start in the input."""
+        total = counts_E[self.send_order]
+        base, extra = total // self.replicas, total % self.replicas
+        send_counts = base + (self.copy_index < extra).long()
+        offset = self.copy_index * base + torch.minimum(self.copy_index, extra)
+        starts = torch.cumsum(counts_E, 0) - counts_E
+        return send_counts, starts[self.send_order] + offset
 
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         """Rows sorted by global expert id (counts_E each) -> expert outputs in the same order."""
-        send_counts = counts_E[self.send_order]
         if self.contiguous:
-            index = None
-            rows = x_MD
-        else:
-            # move each expert's block of rows to its place in shard order (a gather, no one-hot)
-            starts = torch.cumsum(counts_E, 0) - counts_E
-            send_starts = torch.cumsum(send_counts, 0) - send_counts
-            shift = torch.repeat_interleave(starts[self.send_order] - send_starts, send_counts)
-            index = torch.arange(x_MD.shape[0], device=x_MD.device) + shift
-            rows = x_MD[index]
-        out = router_dispatch(rows, send_counts, [len(s) for s in self.shard_experts])
-        if index is None:
-            return out
+            return router_dispatch(x_MD, counts_E, [len(s) for s in self.shard_experts])
+        send_counts, src_starts = self._copy_counts(counts_E)
+        # move each copy's block of rows to its place in send order (a gather, no one-hot)
+        send_starts = torch.cumsum(send_counts, 0) - send_counts
+        shift = torch.repeat_interleave(src_starts - send_starts, send_counts)
+        index = torch.arange(x_MD.shape[0], device=x_MD.device) + shift
+        out = router_dispatch(x_MD[index], send_counts, [len(s) for s in self.shard_experts])
         return torch.empty_like(out).index_copy_(0, index, out)

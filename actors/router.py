@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Iterator
 
 import ray
@@ -21,7 +23,9 @@ import torch
 from ray.exceptions import RayError
 from torch import nn
 
-from actors.placement import ExpertPlacement
+from actors.bundles import elastic_shard_options
+from actors.elastic import Controller, ElasticConfig, ElasticMetrics, LoadWindow, elastic_config_from
+from actors.placement import ExpertPlacement, balanced_placement, imbalance
 from actors.remote_experts import RemoteExperts
 from actors.shard import ExpertShardActor
 from actors.transport import Rendezvous, backend_for, join_group, leave_group
@@ -35,32 +39,47 @@ log = logging.getLogger(__name__)
 
 
 class ShardFailure(RuntimeError):
-    """A shard died or its collective failed; the message names the shard. The group must be
-    re-formed (`replace_shard`) before the next step."""
+    """A shard died or its collective failed and it could not be replaced; the message names the
+    shard and why. With failover off, `replace_shard` must re-form the group before the next step."""
+
+    def __init__(self, message: str, dead: list[int] | None = None):
+        super().__init__(message)
+        self.dead = dead or []
 
 
 class Router:
     def __init__(self, cfg: ModelConfig, source: WeightSource, placement: ExpertPlacement,
                  shard_options: list[dict] | None = None, dtype: str = "float32", max_batch_size: int = 32,
-                 timeout_s: float = 60.0, use_gpu: bool = False):
-        """shard_options: Ray actor options per shard (placement group bundle, resources).
-        use_gpu: router and shards each run on their (Ray-assigned) GPU and talk over NCCL."""
+                 timeout_s: float = 60.0, use_gpu: bool = False, elastic: ElasticConfig | dict | None = None):
+        """shard_options: Ray actor options per shard (placement group bundle, resources); shards
+        added later take a free one or go outside them (`elastic_shard_options`).
+        use_gpu: router and shards each run on their (Ray-assigned) GPU and talk over NCCL.
+        elastic: failover and controller settings (`ElasticConfig`)."""
         if placement.n_shards < 1 or len(placement.layers) != cfg.n_moe_layers:
             raise ValueError(f"placement covers {len(placement.layers)} MoE layers with {placement.n_shards} shards; "
                              f"the model has {cfg.n_moe_layers} MoE layers and needs at least one shard")
         self.cfg, self.source, self.placement = cfg, source, placement
-        self.dtype_name, self.timeout_s = dtype, timeout_s
+        self.dtype_name, self.timeout_s, self.use_gpu = dtype, timeout_s, use_gpu
+        self.elastic = elastic_config_from(elastic)
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
         self.model = self._build_model(cfg, source, placement).to(self.device, getattr(torch, dtype)).eval()
-        self.shard_options = shard_options or [{} for _ in range(placement.n_shards)]
-        self.shards = [self._start_shard(i) for i in range(placement.n_shards)]
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.bundle_options = shard_options or [{} for _ in range(placement.n_shards)]
+        self.shard_bundles: list[int | None] = list(range(placement.n_shards))  # bundle of each shard, or None
+        self.shards = [self._start_shard(placement.shard_experts(i), self.bundle_options[i])
+                       for i in range(placement.n_shards)]
+        self.shard_nodes = self._wait_started(self.shards)
         self.generation = 0
         self._failure: str | None = None
         self._step_lock = threading.RLock()
+        self._admin_lock = threading.Lock()  # one re-placement at a time
         self._form_group()
 
         self.total_load = torch.zeros(cfg.n_moe_layers, cfg.moe.n_routed_experts, dtype=torch.long)
-        self.batch_sizes: list[int] = []
+        self.window = LoadWindow(self.elastic.window_steps)
+        self.events: deque[dict] = deque(maxlen=100)
+        self.metrics = ElasticMetrics()
+        self.batch_sizes: deque[int] = deque(maxlen=10_000)
         caches = self.model.new_cache(max_batch_size, cfg.max_seq_len)
         self.batcher = ContinuousBatcher(self._step, caches, cfg.max_seq_len, self.device)
         self._cond = threading.Condition()
@@ -68,6 +87,7 @@ class Router:
         self._closed = False
         self._loop = threading.Thread(target=self._serve_loop, name="moray-router-loop", daemon=True)
         self._loop.start()
+        self.controller = Controller(self, self.elastic)
 
     # --- building ---------------------------------------------------------------------------
 
@@ -76,14 +96,54 @@ class Router:
         model = Transformer(cfg, init=False)
         model.mtp = nn.ModuleList()  # training-only heads
         for moe, shard_experts in zip(model.moe_layers(), placement.layers):
-            moe.experts = RemoteExperts(shard_experts)
+            moe.experts = RemoteExperts(shard_experts, cfg.moe.n_routed_experts)
         model.load_state_dict(source.non_expert_state(cfg), strict=True)
         return model
 
-    def _start_shard(self, index: int):
-        experts = self.placement.shard_experts(index)
-        return ExpertShardActor.options(**self.shard_options[index]).remote(self.cfg, self.source, experts,
-                                                                            self.dtype_name, self.device.type)
+    def _start_shard(self, experts: list[list[int]], options: dict):
+        return ExpertShardActor.options(**options).remote(self.cfg, self.source, experts, self.dtype_name,
+                                                          self.device.type)
+
+    def _wait_started(self, shards: list) -> list[str]:
+        """Node of each new shard once it is up with its experts. A shard that is not up in time
+        (no node has the resources, or it died loading) is killed and the error says so: never a hang."""
+        refs = [shard.node_id.remote() for shard in shards]
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=self.elastic.start_timeout_s)
+        try:
+            if pending:
+                raise ShardFailure(f"{len(pending)} new shard(s) did not start within "
+                                   f"{self.elastic.start_timeout_s:.0f} s: no node has the resources for one "
+                                   f"({'1 GPU' if self.use_gpu else '1 CPU'})")
+            return ray.get(refs)
+        except Exception:
+            for shard in shards:
+                ray.kill(shard, no_restart=True)
+            raise
+
+    def _new_shard_options(self, avoid: list[str], taken: set[int]) -> tuple[dict, int | None]:
+        """(options, bundle) for a new shard: a free bundle of the placement group when not
+        avoiding nodes, else a shard outside it that must avoid the given and dead nodes and
+        prefers live nodes holding fewest of this model's actors."""
+        for b, options in enumerate(self.bundle_options):
+            if options and not avoid and b not in taken:
+                return options, b
+        nodes = ray.nodes()
+        avoid = sorted(set(avoid) | {n["NodeID"] for n in nodes if not n["Alive"]})
+        held = {n["NodeID"]: self.shard_nodes.count(n["NodeID"]) + (n["NodeID"] == self.node_id)
+                for n in nodes if n["Alive"] and n["NodeID"] not in avoid}
+        fewest = min(held.values(), default=0)
+        return elastic_shard_options(self.use_gpu, avoid, [n for n, k in held.items() if k == fewest]), None
+
+    def _start_new_shards(self, experts: list[list[list[int]]], avoid: list[str]) -> list[tuple]:
+        """(handle, node, bundle) of new shards, all up with their experts, or an error and none."""
+        taken = {b for b in self.shard_bundles if b is not None}
+        handles, bundles = [], []
+        for ids in experts:
+            options, bundle = self._new_shard_options(avoid, taken)
+            taken.add(bundle)
+            handles.append(self._start_shard(ids, options))
+            bundles.append(bundle)
+        return list(zip(handles, self._wait_started(handles), bundles))
 
     def _form_group(self) -> None:
         """Everyone leaves the old group, then joins a new one on a new store (router = rank 0)."""
@@ -97,36 +157,219 @@ class Router:
         self._rendezvous = rendezvous  # the store must outlive the group
         self._failure = None
 
+    def _install(self, placement: ExpertPlacement) -> None:
+        """The router's side of a placement: each layer's dispatch map, swapped between steps."""
+        for moe, shard_experts in zip(self.model.moe_layers(), placement.layers):
+            moe.experts = RemoteExperts(shard_experts, self.cfg.moe.n_routed_experts).to(self.device)
+        self.placement = placement
+
     # --- one step -----------------------------------------------------------------------------
 
-    def _dead_shards(self, refs: list) -> list[str]:
+    def _dead_shards(self, refs: list) -> dict[int, str]:
         """Which shards' step calls failed, with Ray's reason."""
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=min(5.0, self.timeout_s))
-        dead = []
+        dead = {}
         for i, ref in enumerate(refs):
             if ref in ready:
                 try:
                     ray.get(ref)
                 except RayError as exc:
-                    dead.append(f"shard {i} ({type(exc).__name__})")
+                    dead[i] = type(exc).__name__
         return dead
+
+    def _try_step(self, tokens: torch.Tensor, layout: StepLayout, caches: list[KVCache] | None,
+                  logits_at: torch.Tensor | None) -> torch.Tensor:
+        refs = [shard.run_step.remote() for shard in self.shards]
+        try:
+            logits = self.model(tokens, layout, caches, logits_at)
+            ray.get(refs, timeout=self.timeout_s)
+        except Exception as exc:
+            dead = self._dead_shards(refs)
+            names = [f"shard {i} ({reason})" for i, reason in dead.items()] or ["a shard's collective"]
+            leave_group()  # unblocks the surviving shards' collectives
+            raise ShardFailure(f"{', '.join(names)} failed: {str(exc).splitlines()[0][:200]}", list(dead)) from exc
+        return logits
 
     def _step(self, tokens: torch.Tensor, layout: StepLayout, caches: list[KVCache] | None,
               logits_at: torch.Tensor | None) -> torch.Tensor:
+        """One forward step. With failover a failed step is re-run once the group is re-formed
+        with replacement shards: KV-cache writes go to fixed (slot, position) places, so the
+        re-run writes the same entries again and gives the same logits."""
         with self._step_lock:
             if self._failure:
                 raise ShardFailure(f"the sharded model is down since {self._failure}; replace the shard first")
-            refs = [shard.run_step.remote() for shard in self.shards]
-            try:
-                logits = self.model(tokens, layout, caches, logits_at)
-                ray.get(refs, timeout=self.timeout_s)
-            except Exception as exc:
-                dead = self._dead_shards(refs) or ["a shard's collective"]
-                self._failure = f"{', '.join(dead)} failed: {str(exc).splitlines()[0][:200]}"
-                leave_group()  # unblocks the surviving shards' collectives
-                raise ShardFailure(self._failure) from exc
-            self.total_load += self.model.expert_load().cpu()
+            for attempt in range(self.elastic.failover_retries + 1):
+                try:
+                    logits = self._try_step(tokens, layout, caches, logits_at)
+                    break
+                except ShardFailure as failure:
+                    if not self.elastic.failover or attempt == self.elastic.failover_retries:
+                        self._failure = str(failure)
+                        raise
+                    self._fail_over(failure)
+            load = self.model.expert_load().cpu()
+            self.total_load += load
+            self.window.add(load)
             return logits
+
+    def _fail_over(self, failure: ShardFailure) -> None:
+        """Replace the dead shards, away from their nodes, and re-form the group; an event either way."""
+        started, before, dead = time.time(), self._snapshot(), sorted(failure.dead)
+        try:
+            for i in dead:
+                ray.kill(self.shards[i], no_restart=True)
+                self.shard_bundles[i] = None
+            started_shards = self._start_new_shards([self.placement.shard_experts(i) for i in dead],
+                                                    [self.shard_nodes[i] for i in dead])
+            for i, (shard, node, bundle) in zip(dead, started_shards):
+                self.shards[i], self.shard_nodes[i], self.shard_bundles[i] = shard, node, bundle
+            self._form_group()
+        except Exception as exc:
+            self._failure = f"{failure}; no replacement: {str(exc).splitlines()[0][:300]}"
+            self._record("failover", started, before, False, self._failure)
+            raise ShardFailure(self._failure, dead) from exc
+        self._record("failover", started, before, True, f"{failure}; replaced shards {dead}")
+
+    # --- load, events, re-placement -----------------------------------------------------------
+
+    def window_load(self) -> torch.Tensor:
+        """[n_moe_layers, n_experts] routed tokens per expert over the sliding window."""
+        return self.window.load((self.cfg.n_moe_layers, self.cfg.moe.n_routed_experts))
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.shards)
+
+    def imbalance_of(self, load_LE: torch.Tensor, placement: ExpertPlacement | None = None) -> float:
+        return imbalance((placement or self.placement).shard_load(load_LE))
+
+    def _snapshot(self) -> dict:
+        shard_load = self.placement.shard_load(self.window_load())
+        return {"placement": self.placement.to_lists(), "shard_load": shard_load.sum(0).tolist(),
+                "imbalance": imbalance(shard_load), "shard_nodes": list(self.shard_nodes)}
+
+    def _record(self, action: str, started: float, before: dict, ok: bool, message: str) -> dict:
+        event = {"time": started, "action": action, "before": before, "after": self._snapshot(),
+                 "duration_s": time.time() - started, "ok": ok, "message": message}
+        self.events.append(event)
+        self.metrics.observe_event(event)
+        (log.info if ok else log.error)("%s %s in %.2f s: %s", action, "done" if ok else "FAILED",
+                                        event["duration_s"], message)
+        return event
+
+    def reconfigure(self, placement: ExpertPlacement, keep: list[int | None], action: str = "place",
+                    avoid: list[str] = (), message: str = "") -> dict:
+        """Move to `placement` while serving; returns the event. keep[i] is the current shard that
+        becomes shard i (None: a new one); current shards not kept are removed. New shards start
+        and kept ones load their new experts beside the running steps; then, between two steps,
+        the shards swap their stacks, the group is re-formed if its members changed, the router
+        swaps its dispatch map, and removed shards are freed. Sequences in flight keep their KV
+        caches (they live here) and continue."""
+        if len(keep) != placement.n_shards or len(placement.layers) != self.cfg.n_moe_layers:
+            raise ValueError(f"placement has {placement.n_shards} shards for {len(keep)} slots and "
+                             f"{len(placement.layers)} MoE layers; the model has {self.cfg.n_moe_layers}")
+        with self._admin_lock:
+            started, before, generation = time.time(), self._snapshot(), self.generation
+            new: dict[int, tuple] = {}
+            try:
+                prepares = [self.shards[k].prepare.remote(placement.shard_experts(i))
+                            for i, k in enumerate(keep) if k is not None]
+                slots = [i for i, k in enumerate(keep) if k is None]
+                new = dict(zip(slots, self._start_new_shards([placement.shard_experts(i) for i in slots], avoid)))
+                ray.get(prepares, timeout=self.elastic.start_timeout_s)
+                with self._step_lock:
+                    if self.generation != generation or self._failure:
+                        raise ShardFailure("a shard failed while the new placement loaded; nothing changed")
+                    ray.get([self.shards[k].commit.remote() for k in keep if k is not None], timeout=self.timeout_s)
+                    removed = [s for j, s in enumerate(self.shards) if j not in keep]
+                    old = list(zip(self.shards, self.shard_nodes, self.shard_bundles))
+                    self.shards, self.shard_nodes, self.shard_bundles = (
+                        list(x) for x in zip(*[old[k] if k is not None else new[i] for i, k in enumerate(keep)]))
+                    if new or removed:
+                        self._form_group()
+                    self._install(placement)
+            except Exception as exc:
+                for shard, _, _ in new.values():
+                    ray.kill(shard, no_restart=True)
+                return self._record(action, started, before, False, str(exc).splitlines()[0][:300])
+            for shard in removed:
+                ray.kill(shard, no_restart=True)
+            after = imbalance(placement.shard_load(self.window_load()))
+            return self._record(action, started, before, True,
+                                message or f"imbalance {before['imbalance']:.3f} -> {after:.3f}")
+
+    def _keep_for(self, n: int) -> list[int | None]:
+        """Which current shards stay when there are to be n: on scale-in, shards outside the
+        placement group's bundles go first, newest first."""
+        if n >= self.n_shards:
+            return list(range(self.n_shards)) + [None] * (n - self.n_shards)
+        order = sorted(range(self.n_shards), key=lambda i: (self.shard_bundles[i] is None, i))
+        return sorted(order[:n])
+
+    def _balanced(self, n: int) -> ExpertPlacement:
+        E = self.cfg.moe.n_routed_experts
+        redundant = min(self.elastic.redundant_experts, E * (n - 1))
+        return balanced_placement(self.window_load(), n, redundant)
+
+    def rebalance(self, action: str = "rebalance") -> dict:
+        """Re-place experts (with replicas of hot ones, `redundant_experts`) by the window's load."""
+        return self.reconfigure(self._balanced(self.n_shards), list(range(self.n_shards)), action)
+
+    def apply_placement(self, lists: list, action: str = "place") -> dict:
+        """An explicit placement: [layer][shard] -> expert ids (or one [shard] -> ids for every
+        layer); its number of shards may differ from the current one."""
+        placement = ExpertPlacement.from_lists(lists, self.cfg.n_moe_layers, self.cfg.moe.n_routed_experts)
+        return self.reconfigure(placement, self._keep_for(placement.n_shards), action)
+
+    def scale_shards(self, n: int, action: str = "scale") -> dict:
+        """n shards with a balanced placement for the window's load."""
+        if not 1 <= n <= self.cfg.moe.n_routed_experts:
+            raise ValueError(f"number of shards must be between 1 and the {self.cfg.moe.n_routed_experts} experts, "
+                             f"got {n}")
+        return self.reconfigure(self._balanced(n), self._keep_for(n), action,
+                                message=f"{self.n_shards} -> {n} shards")
+
+    def drain_node(self, node_id: str) -> dict:
+        """Move every shard on the node to other nodes (same experts); the router stays where it is."""
+        keep = [None if node == node_id else i for i, node in enumerate(self.shard_nodes)]
+        moved = [i for i, k in enumerate(keep) if k is None]
+        note = "; the router itself runs on this node" if node_id == self.node_id else ""
+        return self.reconfigure(self.placement, keep, "drain", avoid=[node_id],
+                                message=f"moved shards {moved} off node {node_id[:12]}{note}")
+
+    def elastic_status(self) -> dict:
+        """Placement, window load, imbalance, shards, events and controller settings (JSON-able)."""
+        load = self.window_load()
+        shard_load = self.placement.shard_load(load)
+        alive = self._alive()
+        value = imbalance(shard_load)
+        self.metrics.observe_load(load, shard_load.sum(0), value)
+        return {
+            "placement": self.placement.to_lists(),
+            "load": load.tolist(),
+            "shard_load": shard_load.sum(0).tolist(),
+            "imbalance": value,
+            "shards": [{"index": i, "node_id": node, "alive": alive[i], "bundle": self.shard_bundles[i],
+                        "n_experts": sum(len(ids) for ids in self.placement.shard_experts(i)),
+                        "experts_per_layer": [len(ids) for ids in self.placement.shard_experts(i)]}
+                       for i, node in enumerate(self.shard_nodes)],
+            "router_node_id": self.node_id,
+            "generation": self.generation,
+            "failure": self._failure,
+            "events": list(self.events),
+            "controller": self.controller.describe(),
+        }
+
+    def _alive(self) -> list[bool]:
+        refs = [shard.node_id.remote() for shard in self.shards]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5.0)
+        alive = []
+        for ref in refs:
+            try:
+                alive.append(ref in ready and bool(ray.get(ref)))
+            except RayError:
+                alive.append(False)
+        return alive
 
     # --- public API -------------------------------------------------------------------------------
 
@@ -254,12 +497,16 @@ class Router:
         """Start a new shard with the same experts in the old one's place and re-form the group."""
         with self._step_lock:
             ray.kill(self.shards[index], no_restart=True)
-            self.shards[index] = self._start_shard(index)
+            bundle = self.shard_bundles[index]
+            options = self.bundle_options[bundle] if bundle is not None else self._new_shard_options([], set())[0]
+            self.shards[index] = self._start_shard(self.placement.shard_experts(index), options)
+            self.shard_nodes[index] = self._wait_started([self.shards[index]])[0]
             self._form_group()
 
     def shutdown(self) -> None:
         """Stops the loop and the shards. The router's own group handle goes with its process:
         tearing down an NCCL communicator whose peers are being killed can block."""
+        self.controller.stop()
         with self._cond:
             self._closed = True
             self._cond.notify_all()

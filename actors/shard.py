@@ -1,7 +1,12 @@
-"""`ExpertShard`: a Ray actor that owns some routed experts of every MoE layer.
+"""`ExpertShard`: a Ray actor that holds some routed experts of every MoE layer.
 
 One Ray call (`run_step`) per forward step drives all the layers' collectives; the tokens
 themselves move through torch.distributed, never through Ray's object store.
+
+Re-placement is two-phase so serving goes on while weights load: `prepare` (its own
+concurrency group, so it runs beside steps) builds the new expert stacks, reusing the experts
+the shard already holds and reading the others from the weight source; `commit` (between
+steps, in the default group like `run_step`) swaps them in and frees the old ones.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import ray
 import torch
 
 from actors.transport import GroupSpec, join_group, leave_group, shard_serve_layer
-from actors.weights import WeightSource
+from actors.weights import EXPERT_NAMES, WeightSource
 from model.config import ModelConfig
 from model.moe import RoutedExperts
 
@@ -21,24 +26,60 @@ from model.moe import RoutedExperts
 class ExpertShard:
     def __init__(self, cfg: ModelConfig, source: WeightSource, experts_per_layer: list[list[int]],
                  dtype: str = "float32", device: str = "cpu"):
-        self.cfg = cfg
+        self.cfg, self.source = cfg, source
         self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
         self.dtype = getattr(torch, dtype)
-        self.expert_ids = experts_per_layer
-        moe_layers = range(cfg.n_dense_layers, cfg.n_layers)
+        self.expert_ids: list[list[int]] = []
         self.experts: list[RoutedExperts] = []
-        for layer, ids in zip(moe_layers, experts_per_layer):
-            stack = RoutedExperts(len(ids), cfg.dim, cfg.moe.moe_inter_dim)
-            stack.load_state_dict(source.expert_state(cfg, layer, ids))
-            self.experts.append(stack.to(self.device, self.dtype).eval())
-        self.load = [torch.zeros(len(ids), dtype=torch.long) for ids in experts_per_layer]
+        self.load: list[torch.Tensor] = []
+        self._pending: tuple[list[list[int]], list[RoutedExperts]] | None = None
+        self.prepare(experts_per_layer)
+        self.commit()
         self.steps = 0
+
+    def _stack(self, layer_index: int, ids: list[int]) -> RoutedExperts:
+        """One layer's stack for ids: experts already held are copied locally, the rest read."""
+        layer = self.cfg.n_dense_layers + layer_index
+        held = self.expert_ids[layer_index] if layer_index < len(self.expert_ids) else []
+        new = [e for e in ids if e not in held]
+        read = self.source.expert_state(self.cfg, layer, new) if new else {}
+        stack = RoutedExperts(len(ids), self.cfg.dim, self.cfg.moe.moe_inter_dim).to(self.device, self.dtype)
+        with torch.no_grad():
+            for name in EXPERT_NAMES:
+                target = getattr(stack, name)
+                for row, e in enumerate(ids):
+                    if e in held:
+                        target[row].copy_(getattr(self.experts[layer_index], name)[held.index(e)])
+                    else:
+                        target[row].copy_(read[name][new.index(e)])
+        return stack.eval()
+
+    @ray.method(concurrency_group="load")
+    def prepare(self, experts_per_layer: list[list[int]]) -> int:
+        """Build (not yet use) the stacks of a new placement; returns how many experts were read."""
+        stacks = [self._stack(i, list(ids)) for i, ids in enumerate(experts_per_layer)]
+        self._pending = ([list(ids) for ids in experts_per_layer], stacks)
+        held = [set(ids) for ids in self.expert_ids] or [set() for _ in experts_per_layer]
+        return sum(len(set(ids) - h) for ids, h in zip(experts_per_layer, held))
+
+    def commit(self) -> None:
+        """Switch to the prepared stacks; the old ones are freed. Load counters restart."""
+        if self._pending is None:
+            raise RuntimeError("commit without a prepared placement")
+        self.expert_ids, self.experts = self._pending
+        self._pending = None
+        self.load = [torch.zeros(len(ids), dtype=torch.long) for ids in self.expert_ids]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def join(self, spec: GroupSpec, rank: int) -> None:
         join_group(spec, rank)
 
     def leave(self) -> None:
         leave_group()
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
     @torch.no_grad()
     def run_step(self) -> None:
@@ -49,7 +90,7 @@ class ExpertShard:
         self.steps += 1
 
     def stats(self) -> dict:
-        """Tokens each owned expert has processed, and what the shard occupies."""
+        """Tokens each held expert has processed (since the last placement), and what the shard occupies."""
         param_bytes = sum(p.numel() * p.element_size() for s in self.experts for p in s.parameters())
         stats = {
             "node_id": ray.get_runtime_context().get_node_id(),
@@ -66,4 +107,4 @@ class ExpertShard:
         return stats
 
 
-ExpertShardActor = ray.remote(ExpertShard)
+ExpertShardActor = ray.remote(concurrency_groups={"load": 1})(ExpertShard)

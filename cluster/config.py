@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from actors.elastic import ElasticConfig, check_elastic_config
 from model.config import ConfigError, ModelConfig, check_model_config, merge_checked
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "manifests" / "models"
@@ -66,6 +67,8 @@ class ClusterConfig:
     address: str | None = None
     num_cpus: int | None = None
     host: str = "127.0.0.1"
+    # elastic experts of each served model copy: failover, rebalancing, shard autoscaling
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
 
 
 @dataclass
@@ -111,6 +114,7 @@ def load_config(name_or_path: str = "tiny", overrides: list[str] | tuple[str, ..
     obj: MorayConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     check_model_config(obj.model)
     check_train_config(obj.train, obj.model)
+    check_elastic_config(obj.cluster.elastic)
     return obj
 
 

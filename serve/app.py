@@ -5,12 +5,15 @@ replica one sharded copy of the model: router in the replica, shards in its plac
 
 args: checkpoint (required), num_shards (2), max_batch_size (32), use_gpu (false),
 model_name (the checkpoint's config name), min_replicas / max_replicas / target_ongoing_requests
-and upscale_delay_s / downscale_delay_s for the model deployment's autoscaling.
+and upscale_delay_s / downscale_delay_s for the model deployment's autoscaling, elastic (a
+dict or JSON string of `actors.elastic.ElasticConfig` fields: failover, expert rebalancing and
+shard autoscaling inside each replica).
 """
 
 
+import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import grpc
@@ -21,6 +24,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from actors.bundles import model_bundles
+from actors.elastic import elastic_config_from
 from model import checkpoint
 from model.tokenizer import Tokenizer
 from serve.model_server import ModelServer
@@ -110,6 +114,7 @@ class AppArgs:
     target_ongoing_requests: float = 8.0
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
+    elastic: dict | str | None = None
 
     def __post_init__(self) -> None:
         """`serve run ... key=value` passes strings: coerce them to the declared types."""
@@ -119,6 +124,9 @@ class AppArgs:
             setattr(self, name, kind(getattr(self, name)))
         if isinstance(self.use_gpu, str):
             self.use_gpu = self.use_gpu.lower() in ("1", "true", "yes")
+        if isinstance(self.elastic, str):
+            self.elastic = json.loads(self.elastic)
+        self.elastic = asdict(elastic_config_from(self.elastic))  # a bad key fails here, before any replica
 
 
 def build_app(args: dict) -> Application:
@@ -134,5 +142,6 @@ def build_app(args: dict) -> Application:
     model = MoEModel.options(
         autoscaling_config=autoscaling, placement_group_bundles=bundles, placement_group_strategy="SPREAD",
         ray_actor_options={"num_cpus": bundles[0]["CPU"], "num_gpus": bundles[0].get("GPU", 0)},
-    ).bind(str(Path(opts.checkpoint).resolve()), opts.num_shards, opts.max_batch_size, opts.use_gpu)
+    ).bind(str(Path(opts.checkpoint).resolve()), opts.num_shards, opts.max_batch_size, opts.use_gpu,
+            elastic=opts.elastic)
     return OpenAIIngress.bind(model, opts.model_name or cfg.name, str(tokenizer_file), cfg.max_seq_len)
