@@ -7,6 +7,7 @@ its thread pool and the event loop stays free.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -14,14 +15,23 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
 from cluster.dashboard.security import AdminGuard, AuditTrail
-from cluster.dashboard.sources import ClusterView, NotFound
+from cluster.dashboard.sources import ClusterView, NotFound, Unavailable
 
 STATIC = Path(__file__).resolve().parent / "static"
 
-Override = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][\w.]*=\S*$", max_length=200)]
+DOTLIST = re.compile(r"^[A-Za-z_][\w.]*=\S*$")
+
+
+def _dotlist_item(value: str) -> str:
+    if not DOTLIST.match(value):
+        raise ValueError(f"an override is key=value with a dotted key (train.max_steps=50), got {value!r}")
+    return value
+
+
+Override = Annotated[str, StringConstraints(max_length=200), AfterValidator(_dotlist_item)]
 Name = Annotated[str, StringConstraints(pattern=r"^[\w.\-]+$", max_length=100)]
 
 
@@ -64,6 +74,10 @@ def create_app(view: ClusterView, token: str, default_app: str = "moray", protec
     @api.exception_handler(NotFound)
     async def missing(_: Request, exc: NotFound) -> JSONResponse:
         return JSONResponse(status_code=404, content={"error": str(exc)})
+
+    @api.exception_handler(Unavailable)
+    async def unavailable(_: Request, exc: Unavailable) -> JSONResponse:
+        return JSONResponse(status_code=503, content={"error": str(exc)})
 
     @api.exception_handler(ValueError)
     async def refused(_: Request, exc: ValueError) -> JSONResponse:

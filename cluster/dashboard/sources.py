@@ -10,6 +10,7 @@ of the cluster it shows.
 from __future__ import annotations
 
 import json
+import secrets
 import shlex
 import time
 from dataclasses import dataclass
@@ -43,6 +44,10 @@ class NotFound(LookupError):
 
 class Rejected(ValueError):
     """The cluster refused the request as given (HTTP 422 with this message)."""
+
+
+class Unavailable(RuntimeError):
+    """The cluster cannot take the request right now (HTTP 503 with this message)."""
 
 
 @dataclass
@@ -172,20 +177,24 @@ class ClusterView:
     def submit_job(self, preset: str, overrides: list[str]) -> str:
         """A training job from a preset and dotlist overrides; every input error is a Rejected
         before anything reaches the cluster."""
-        from cluster.cli import _absolute_paths
         from train.data import DataError
         from train.job import check_before_start
 
         overrides = [f"train.data_dir={self.settings.data_dir}",
                      f"train.storage_path={self.settings.runs_dir}",
-                     f"train.run_name=dash-{time.strftime('%Y%m%d-%H%M%S')}", *overrides]
+                     f"train.run_name=dash-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}", *overrides]
         try:
             cfg = load_config(preset, overrides)
             check_before_start(cfg)
         except (ConfigError, DataError) as exc:
             raise Rejected(str(exc)) from None
-        _, job_id = submit(self.settings.ray_dashboard, ["python", "-m", "train", preset,
-                                                         *_absolute_paths(overrides, cfg)])
+        # Ray's job supervisor finds "the" local cluster by auto-discovery, which on a host running
+        # several clusters may be another one: the job is told the GCS address of this one
+        gcs = f"RAY_ADDRESS={ray.get_runtime_context().gcs_address}"
+        try:
+            _, job_id = submit(self.settings.ray_dashboard, [gcs, "python", "-m", "train", preset, *overrides])
+        except RuntimeError as exc:  # the job API answered 5xx (e.g. its node agent is not up yet)
+            raise Unavailable(str(exc).splitlines()[0]) from None
         return job_id
 
     # endpoints

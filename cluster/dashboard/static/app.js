@@ -19,6 +19,16 @@ function h(tag, attrs, ...children) {
   return el;
 }
 
+// form fields keep what the user typed across the periodic redraws
+const typed = {};
+function field(form, name, attrs, tag = "input") {
+  const key = `${form}.${name}`, initial = attrs.value;
+  const el = h(tag, {...attrs, name, value: tag === "input" ? (typed[key] ?? initial) : undefined,
+    oninput: e => { typed[key] = e.target.value; }});
+  if (tag === "textarea") el.value = typed[key] ?? initial;
+  return el;
+}
+
 function table(headers, rows) {
   return h("table", {}, h("thead", {}, h("tr", {}, headers.map(t => h("th", {}, t)))), h("tbody", {}, rows));
 }
@@ -100,9 +110,9 @@ function submitForm() {
       const overrides = f.overrides.value.split(/\s+/).filter(Boolean);
       act(null, "/jobs", {preset: f.preset.value.trim(), overrides}, r => flash(`submitted job ${r.id}`));
     }},
-      h("label", {}, "preset", h("input", {name: "preset", value: "tiny", size: 12})),
+      h("label", {}, "preset", field("job", "preset", {value: "tiny", size: 12})),
       h("label", {}, "overrides (dotlist, space separated)",
-        h("textarea", {name: "overrides", rows: 2, cols: 60}, "train.max_steps=50 train.num_workers=1")),
+        field("job", "overrides", {rows: 2, cols: 60, value: "train.max_steps=50 train.num_workers=1"}, "textarea")),
       h("button", {type: "submit"}, "Submit")));
 }
 
@@ -142,7 +152,7 @@ async function jobs(root) {
         h("div", {}, h("button", {class: "danger", id: "stop-job", disabled: ["RUNNING", "PENDING"].includes(job.status) ? null : true,
           onclick: () => act(`Stop job ${job.id}?`, `/jobs/${job.id}/stop`, {}, r => flash(r.message))}, "Stop job"))),
       jobCharts(job.metrics),
-      h("h3", {}, "Logs"), h("pre", {class: "logs", id: "job-logs"}, logs.slice(-20000))));
+      h("h3", {}, "Logs"), h("pre", {class: "logs", id: "job-logs"}, logs.slice(-20000).replace(/\x1b\[[0-9;]*m/g, ""))));
   }
   root.replaceChildren(...parts);
   const pre = document.getElementById("job-logs");
@@ -170,9 +180,9 @@ function completionForm(app) {
         {prompt: f.prompt.value, max_tokens: Number(f.max_tokens.value), temperature: Number(f.temperature.value)},
         r => { state.completion = `${f.prompt.value}${r.text}\n\n(${r.usage.completion_tokens} tokens in ${r.latency_s.toFixed(2)} s)`; });
     }},
-      h("label", {}, "prompt", h("input", {name: "prompt", value: "def main(", size: 40})),
-      h("label", {}, "max tokens", h("input", {name: "max_tokens", type: "number", value: 16, min: 1, max: 256})),
-      h("label", {}, "temperature", h("input", {name: "temperature", type: "number", value: 0, step: 0.1, min: 0, max: 2})),
+      h("label", {}, "prompt", field("completion", "prompt", {value: "def main(", size: 40})),
+      h("label", {}, "max tokens", field("completion", "max_tokens", {type: "number", value: 16, min: 1, max: 256})),
+      h("label", {}, "temperature", field("completion", "temperature", {type: "number", value: 0, step: 0.1, min: 0, max: 2})),
       h("button", {type: "submit"}, "Send")), out);
 }
 
@@ -253,14 +263,15 @@ function expertActions(app, st) {
     h("button", {id: "rebalance", onclick: () => act(`Rebalance the experts of ${app} from their measured load?`,
       `/experts/${app}/rebalance`, {}, ev => flash(`rebalance: ${ev.message || (ev.ok ? "done" : "failed")}`, ev.ok === false))}, "Rebalance"),
     " ",
-    h("label", {}, " shards ", h("input", {id: "shard-count", type: "number", min: 1, value: st.shards.length, style: "width:60px"})),
+    h("label", {}, " shards ", field("experts", "shards", {id: "shard-count", type: "number", min: 1, value: st.shards.length, style: "width:60px"})),
     h("button", {id: "scale", class: "secondary", onclick: () => {
       const n = Number(document.getElementById("shard-count").value);
       act(`Scale ${app} to ${n} expert shards?`, `/experts/${app}/scale`, {shards: n},
         ev => flash(`scale: ${ev.message || (ev.ok ? "done" : "failed")}`, ev.ok === false));
     }}, "Scale shards"),
     " ",
-    h("select", {id: "drain-node"}, nodes.map(n => h("option", {value: n}, short(n)))),
+    h("select", {id: "drain-node", onchange: e => { typed["experts.node"] = e.target.value; }},
+      nodes.map(n => h("option", {value: n, selected: typed["experts.node"] === n}, short(n)))),
     h("button", {id: "drain", class: "danger", onclick: () => {
       const n = document.getElementById("drain-node").value;
       act(`Drain node ${short(n)}: move its shards elsewhere?`, `/experts/${app}/drain`, {node_id: n},
@@ -311,6 +322,7 @@ async function refresh() {
       await VIEWS[view](root);
       document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
       document.body.dataset.refreshes = Number(document.body.dataset.refreshes || 0) + 1;
+      document.body.dataset.rendered = view;
     }
   } catch (e) {
     if (generation === state.generation) root.replaceChildren(h("h2", {}, view), h("div", {class: "alert error"}, e.message));
@@ -323,6 +335,7 @@ function route() {
   if (!VIEWS[state.view]) state.view = "overview";
   document.querySelectorAll("nav a").forEach(a => a.classList.toggle("active", a.dataset.view === state.view));
   document.body.dataset.view = state.view;
+  delete document.body.dataset.rendered;
   document.getElementById("view").replaceChildren(h("div", {class: "muted"}, "loading..."));
   refresh();
 }

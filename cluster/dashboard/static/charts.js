@@ -61,8 +61,9 @@ const Charts = (() => {
       ctx.beginPath(); ctx.moveTo(pad.l, Y(y)); ctx.lineTo(W - pad.r, Y(y)); ctx.stroke();
       ctx.fillText(fmt(y), 4, Y(y) + 4);
     }
-    ctx.fillText(fmt(x0), pad.l, H - 8);
-    ctx.fillText(`${fmt(x1)} ${xLabel || ""}`, W - pad.r - 60, H - 8);
+    const xfmt = v => Number.isInteger(v) ? String(v) : fmt(v);
+    ctx.fillText(xfmt(x0), pad.l, H - 8);
+    ctx.fillText(`${xfmt(x1)} ${xLabel || ""}`, W - pad.r - 60, H - 8);
     series.forEach((s, i) => {
       ctx.strokeStyle = s.color || shardColor(i);
       ctx.lineWidth = 1.5;
