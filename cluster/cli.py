@@ -232,7 +232,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     token, generated = admin_token()
     context = _start_ray(args.address)
     app = build(context, runs_dir=args.runs, data_dir=args.data, app=args.app, token=token,
-                protect_reads=args.protect_reads)
+                protect_reads=args.protect_reads, imbalance_alert=args.imbalance_alert)
     print(f"moray dashboard: http://{args.host}:{args.port}  (Ray dashboard: http://{context.dashboard_url})")
     if generated:
         print(f"admin token (shown once; set MORAY_DASHBOARD_TOKEN to choose it): {token}", flush=True)
@@ -251,6 +251,8 @@ def _add_dashboard_parser(commands) -> None:
     dash.add_argument("--runs", default="runs", help="training runs directory (default runs)")
     dash.add_argument("--data", default="data/corpus", help="corpus for jobs submitted from the dashboard")
     dash.add_argument("--protect-reads", action="store_true", help="require the admin token for every page too")
+    dash.add_argument("--imbalance-alert", type=float, default=2.0,
+                      help="alert when the expert load's max/mean over shards exceeds this (default 2.0)")
     dash.set_defaults(func=cmd_dashboard)
 
 

@@ -38,10 +38,10 @@ def ray_dashboard_url(context) -> str:
 
 
 def build(context, runs_dir: str | Path = "runs", data_dir: str | Path = "data/corpus", app: str = "moray",
-          token: str | None = None, protect_reads: bool = False):
+          token: str | None = None, protect_reads: bool = False, imbalance_alert: float = 2.0):
     """The app for the cluster this process joined with `context = ray.init(...)`."""
     settings = Settings(ray_dashboard=ray_dashboard_url(context), runs_dir=Path(runs_dir).resolve(),
-                        data_dir=Path(data_dir).resolve())
+                        data_dir=Path(data_dir).resolve(), imbalance_alert=imbalance_alert)
     return create_app(ClusterView(settings), token or admin_token()[0], default_app=app, protect_reads=protect_reads)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -57,8 +59,9 @@ def live(tmp_path_factory):
     serve_port = free_port("127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
     serve.run(build_app({"checkpoint": str(ckpt), "num_shards": 2}), name="moray", route_prefix="/")
+    # any measurable imbalance raises the overview's alert (the default threshold is 2.0)
     url, server = start_in_background(context, port=free_port("127.0.0.1"), runs_dir=root / "runs",
-                                      data_dir=root / "corpus", token=TOKEN)
+                                      data_dir=root / "corpus", token=TOKEN, imbalance_alert=1.0)
     auth = {"Authorization": f"Bearer {TOKEN}"}
     job = {"preset": "tiny", "overrides": ["train.max_steps=300", "train.num_workers=1", "train.log_every=2",
                                            "train.checkpoint_every=1000"]}
@@ -66,7 +69,7 @@ def live(tmp_path_factory):
     reply = wait_for("the job API", lambda: (r := requests.post(f"{url}/api/jobs", json=job, headers=auth,
                                                                  timeout=60)).status_code != 503 and r, 90, 2)
     assert reply.status_code == 200, reply.text
-    yield {"url": url, "serve": f"http://127.0.0.1:{serve_port}", "job": reply.json()["id"], "auth": auth,
+    yield {"url": url, "serve": f"http://127.0.0.1:{serve_port}", "address": cluster.address, "job": reply.json()["id"], "auth": auth,
            "shots": Path(os.environ.get("MORAY_SCREENSHOTS") or root / "screenshots")}
     server.should_exit = True
     serve.shutdown()
@@ -221,6 +224,13 @@ def test_experts_heatmap_updates_with_requests_and_rebalance_changes_the_placeme
     shoot(page, live, "experts")
 
 
+def test_overview_alerts_on_expert_imbalance(page, live):
+    status = wait_for("routed load", lambda: (s := experts(live))["imbalance"] > 1.0 and s, 60)
+    show(page, live, "overview")
+    alert = page.locator("#alerts .alert.warning")
+    assert alert.count() == 1 and f"expert load imbalance {status['imbalance']:.2f}" in alert.text_content()
+
+
 def test_stop_job_from_the_page(page, live):
     show(page, live, "jobs")
     page.fill("#token", TOKEN)
@@ -230,3 +240,37 @@ def test_stop_job_from_the_page(page, live):
                            timeout=120_000)
     audit = requests.get(f"{live['url']}/api/overview", timeout=60).json()["audit"]
     assert any(a["action"] == "stop job" and a["target"] == live["job"] and a["outcome"] == "ok" for a in audit)
+
+
+def test_moray_dashboard_command_prints_its_url_and_a_new_token_once(live, tmp_path):
+    port = free_port("127.0.0.1")
+    env = {k: v for k, v in os.environ.items() if k != "MORAY_DASHBOARD_TOKEN"}
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "dashboard", "--address", live["address"],
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=tmp_path)
+    try:
+        lines = []
+        while not any(line.startswith("admin token") for line in lines):
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        token = lines[-1].rsplit(" ", 1)[1].strip()
+        assert any(f"moray dashboard: http://127.0.0.1:{port}" in line for line in lines)
+        url = f"http://127.0.0.1:{port}"
+        page = wait_for("the dashboard", lambda: _get(url + "/"), 60)
+        assert "moray dashboard" in page.text
+        # the printed token opens the mutations (a malformed one: accepted, validated, nothing changed)
+        r = requests.post(f"{url}/api/experts/moray/scale", json={"shards": 0},
+                          headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert r.status_code == 422, r.text
+        assert requests.post(f"{url}/api/experts/moray/scale", json={"shards": 0}, timeout=30).status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _get(url: str) -> requests.Response | None:
+    try:
+        return requests.get(url, timeout=10)
+    except requests.ConnectionError:
+        return None
