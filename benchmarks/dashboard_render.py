@@ -97,7 +97,7 @@ DOM_BASELINE = """async () => {
 }"""
 
 
-def measure(url: str, runs: int) -> dict:
+def measure(url: str, runs: int, screenshot: str | None = None) -> dict:
     from playwright.sync_api import sync_playwright
 
     ready, draw, dom = [], [], []
@@ -112,6 +112,8 @@ def measure(url: str, runs: int) -> dict:
             page.evaluate("window.morayTimings.expertsDrawMs = undefined")
             page.wait_for_function("window.morayTimings.expertsDrawMs !== undefined", timeout=60_000)
             draw.append(page.evaluate("window.morayTimings.expertsDrawMs"))
+            if screenshot:
+                page.screenshot(path=screenshot, full_page=True)
             page.close()
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.goto(f"{url}/api/session")  # same origin as the API, none of the app's own script
@@ -135,6 +137,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=32)
     parser.add_argument("--replicated", type=int, default=8, help="hot experts per layer copied to a second shard")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--screenshot", help="write the page as drawn to this PNG")
     args = parser.parse_args()
 
     status = synthetic_status(args.layers, args.experts, args.shards, args.replicated)
@@ -144,7 +147,7 @@ def main() -> None:
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
-    result = measure(f"http://127.0.0.1:{port}", args.runs)
+    result = measure(f"http://127.0.0.1:{port}", args.runs, args.screenshot)
     server.should_exit = True
     payload_kb = len(json.dumps(status)) / 1024
     print(f"machine: {platform.node()} {platform.machine()}, Chromium {result['chromium']}, "
