@@ -126,7 +126,7 @@ class ClusterView:
         nodes = self.nodes()
         alerts = [{"level": "error", "what": f"node {n['node_id'][:8]} ({n['ip']}) is {n['state'].lower()}"}
                   for n in nodes if n["state"] != "ALIVE"]
-        alerts += [{"level": "error", "what": f"job {j['id']} failed: {j['message']}"}
+        alerts += [{"level": "error", "what": f"job {j['id']} failed: {(j['message'].splitlines() or [''])[0][:200]}"}
                    for j in self.jobs() if j["status"] == JobStatus.FAILED.value]
         status = self.experts_or_none(app)
         if status is not None:
@@ -156,19 +156,22 @@ class ClusterView:
                          "run": run_dir.name if run_dir else None})
         return sorted(rows, key=lambda r: r["start_time"] or 0, reverse=True)
 
-    def job(self, job_id: str) -> dict:
+    def _job_row(self, job_id: str) -> dict:
         for row in self.jobs():
             if row["id"] == job_id:
-                row["metrics"] = read_metrics(run_dir_of(row["entrypoint"], self.settings.runs_dir))
                 return row
         raise NotFound(f"no job {job_id!r}")
 
+    def job(self, job_id: str) -> dict:
+        row = self._job_row(job_id)
+        return {**row, "metrics": read_metrics(run_dir_of(row["entrypoint"], self.settings.runs_dir))}
+
     def job_logs(self, job_id: str) -> str:
-        self.job(job_id)
+        self._job_row(job_id)
         return self._client().get_job_logs(job_id)[-MAX_LOG_CHARS:]
 
     def stop_job(self, job_id: str) -> str:
-        row = self.job(job_id)
+        row = self._job_row(job_id)
         if JobStatus(row["status"]).is_terminal():
             raise Rejected(f"job {job_id} has already ended ({row['status']})")
         self._client().stop_job(job_id)

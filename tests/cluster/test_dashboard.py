@@ -224,6 +224,18 @@ def test_experts_heatmap_updates_with_requests_and_rebalance_changes_the_placeme
     shoot(page, live, "experts")
 
 
+def test_scale_shards_from_the_page(page, live):
+    show(page, live, "experts")
+    page.fill("#token", TOKEN)
+    page.dispatch_event("#token", "change")
+    page.fill("#shard-count", "3")
+    page.click("#scale")
+    page.wait_for_function("document.querySelector('#shards-alive').textContent === '3 / 3'", timeout=120_000)
+    assert "scale" in page.locator("tr.event-row").first.text_content()
+    assert all(len(layer) == 3 for layer in experts(live)["placement"])
+    assert len(json.loads(page.get_attribute("#placement", "data-placement"))[0]) == 3
+
+
 def test_overview_alerts_on_expert_imbalance(page, live):
     status = wait_for("routed load", lambda: (s := experts(live))["imbalance"] > 1.0 and s, 60)
     show(page, live, "overview")
