@@ -90,10 +90,11 @@ class LoadWindow:
         return torch.stack([load for _, load in self.steps]).sum(0)
 
     def tokens_per_s(self) -> float:
-        """Routed token copies per second over the window (0 until two steps are in it)."""
+        """Routed token copies per second from the window's first step until now, so the rate
+        falls while the model is idle (0 until two steps are in the window)."""
         if len(self.steps) < 2:
             return 0.0
-        span = self.steps[-1][0] - self.steps[0][0]
+        span = time.time() - self.steps[0][0]
         return float(sum(int(load.sum()) for _, load in list(self.steps)[1:])) / max(span, 1e-6)
 
     def clear(self) -> None:
@@ -157,7 +158,9 @@ class Controller:
         if self.cfg.autoscale and per_shard_s < self.cfg.scale_down_tokens_s and n > self.cfg.min_shards:
             return "scale", n - 1
         if self.cfg.rebalance and load.sum() >= self.cfg.min_window_tokens and imbalance > self.cfg.threshold:
-            return "rebalance", n
+            # only when it helps: a load the spare copies cannot even out must not cause churn
+            if self.router.imbalance_of(load, self.router.balanced_for(n)) < imbalance - 0.01:
+                return "rebalance", n
         return None
 
     def _run(self) -> None:

@@ -101,15 +101,17 @@ def imbalance(shard_load_LS: torch.Tensor) -> float:
     return float(shard_load_LS.double().amax(1).sum() / mean)
 
 
-def _replicate(load_E: torch.Tensor, n_copies: int) -> list[int]:
-    """Copies per expert: one each, then each spare copy to the expert with the most load per copy."""
+def _replicate(load_E: torch.Tensor, n_copies: int, max_copies: int) -> list[int]:
+    """Copies per expert: one each, then each spare copy to the expert with the most load per
+    copy that is not yet on every shard (a shard holds an expert at most once)."""
     copies = [1] * load_E.numel()
     heap = [(-float(load), e) for e, load in enumerate(load_E.tolist())]
     heapq.heapify(heap)
     for _ in range(n_copies - load_E.numel()):
         _, e = heapq.heappop(heap)
         copies[e] += 1
-        heapq.heappush(heap, (-float(load_E[e]) / copies[e], e))
+        if copies[e] < max_copies:
+            heapq.heappush(heap, (-float(load_E[e]) / copies[e], e))
     return copies
 
 
@@ -146,7 +148,8 @@ def balanced_placement(load_LE: torch.Tensor, n_shards: int, n_redundant: int = 
         raise PlacementError(f"n_redundant must be between 0 and {n_experts * (n_shards - 1)}, got {n_redundant}")
     load_LE = load_LE.double().clamp(min=0) + 1e-9  # idle experts still get a place
     if shard_nodes is None or n_groups <= 1:
-        layers = [_pack(load_E, _replicate(load_E, n_experts + n_redundant), n_shards) for load_E in load_LE]
+        layers = [_pack(load_E, _replicate(load_E, n_experts + n_redundant, n_shards), n_shards)
+                  for load_E in load_LE]
         return ExpertPlacement(n_experts, tuple(tuple(tuple(s) for s in layer) for layer in layers))
     return _grouped_placement(load_LE, n_shards, n_redundant, list(shard_nodes), n_groups)
 
@@ -172,7 +175,9 @@ def _grouped_placement(load_LE: torch.Tensor, n_shards: int, n_redundant: int, s
             experts = [g * group_size + i for g in groups for i in range(group_size)]
             local = load_E[experts]
             spare = round(n_redundant * len(node_shards[node]) / n_shards)
-            packed = _pack(local, _replicate(local, len(experts) + spare), len(node_shards[node]))
+            n_local = len(node_shards[node])
+            packed = _pack(local, _replicate(local, len(experts) + min(spare, len(experts) * (n_local - 1)), n_local),
+                           n_local)
             for s, local_ids in zip(node_shards[node], packed):
                 shards[s] = sorted(experts[i] for i in local_ids)
         layers.append(tuple(tuple(s) for s in shards))

@@ -16,11 +16,12 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import ray
 import torch
-from ray.exceptions import RayError
+from ray.exceptions import RayActorError, RayError
+from ray.util.placement_group import placement_group_table
 from torch import nn
 
 from actors.bundles import elastic_shard_options
@@ -73,6 +74,7 @@ class Router:
         self._failure: str | None = None
         self._step_lock = threading.RLock()
         self._admin_lock = threading.Lock()  # one re-placement at a time
+        self._state_lock = threading.Lock()  # shards, their nodes and the placement change together
         self._form_group()
 
         self.total_load = torch.zeros(cfg.n_moe_layers, cfg.moe.n_routed_experts, dtype=torch.long)
@@ -120,26 +122,40 @@ class Router:
                 ray.kill(shard, no_restart=True)
             raise
 
-    def _new_shard_options(self, avoid: list[str], taken: set[int]) -> tuple[dict, int | None]:
-        """(options, bundle) for a new shard: a free bundle of the placement group when not
-        avoiding nodes, else a shard outside it that must avoid the given and dead nodes and
-        prefers live nodes holding fewest of this model's actors."""
-        for b, options in enumerate(self.bundle_options):
-            if options and not avoid and b not in taken:
-                return options, b
-        nodes = ray.nodes()
-        avoid = sorted(set(avoid) | {n["NodeID"] for n in nodes if not n["Alive"]})
-        held = {n["NodeID"]: self.shard_nodes.count(n["NodeID"]) + (n["NodeID"] == self.node_id)
-                for n in nodes if n["Alive"] and n["NodeID"] not in avoid}
-        fewest = min(held.values(), default=0)
-        return elastic_shard_options(self.use_gpu, avoid, [n for n, k in held.items() if k == fewest]), None
+    def _bundle_node(self, bundle: int) -> str | None:
+        strategy = self.bundle_options[bundle].get("scheduling_strategy")
+        pg = getattr(strategy, "placement_group", None)
+        if pg is None:
+            return None
+        return placement_group_table(pg).get("bundles_to_node_id", {}).get(bundle + 1)
 
-    def _start_new_shards(self, experts: list[list[list[int]]], avoid: list[str]) -> list[tuple]:
+    def _new_shard_options(self, avoid: Iterable[str], away: Iterable[str], taken: set,
+                           planned: list[str]) -> tuple[dict, int | None]:
+        """(options, bundle) for a new shard. It must not go to `avoid` nodes (drained) or dead
+        ones, and should not go to `away` nodes (where a shard just died). A free bundle of the
+        placement group on an acceptable node comes first; else a shard outside the group that
+        prefers the live node holding fewest of this model's actors (`planned`: nodes already
+        picked for shards starting with it), and takes another one if that node has no room."""
+        nodes = ray.nodes()
+        alive = {n["NodeID"] for n in nodes if n["Alive"]}
+        unwanted = set(avoid) | set(away)
+        for b, options in enumerate(self.bundle_options):
+            if options and b not in taken and self._bundle_node(b) in alive - unwanted:
+                return options, b
+        avoid = sorted(set(avoid) | {n["NodeID"] for n in nodes if not n["Alive"]})
+        held = {n: self.shard_nodes.count(n) + planned.count(n) + (n == self.node_id) for n in alive - unwanted}
+        target = min(sorted(held), key=held.get, default=None)
+        if target is not None:
+            planned.append(target)
+        return elastic_shard_options(self.use_gpu, avoid, [target] if target else []), None
+
+    def _start_new_shards(self, experts: list[list[list[int]]], avoid: Iterable[str] = (),
+                          away: Iterable[str] = ()) -> list[tuple]:
         """(handle, node, bundle) of new shards, all up with their experts, or an error and none."""
         taken = {b for b in self.shard_bundles if b is not None}
-        handles, bundles = [], []
+        handles, bundles, planned = [], [], []
         for ids in experts:
-            options, bundle = self._new_shard_options(avoid, taken)
+            options, bundle = self._new_shard_options(avoid, away, taken, planned)
             taken.add(bundle)
             handles.append(self._start_shard(ids, options))
             bundles.append(bundle)
@@ -166,15 +182,22 @@ class Router:
     # --- one step -----------------------------------------------------------------------------
 
     def _dead_shards(self, refs: list) -> dict[int, str]:
-        """Which shards' step calls failed, with Ray's reason."""
+        """Which shards are gone, with Ray's reason. Called after the router left the group, so a
+        live shard's step call ends at once (its collective lost the router); a call that has not
+        ended within a few seconds belongs to a shard that is dead (its node may not be declared
+        dead yet) or hung, and is replaced either way."""
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=min(5.0, self.timeout_s))
         dead = {}
         for i, ref in enumerate(refs):
-            if ref in ready:
-                try:
-                    ray.get(ref)
-                except RayError as exc:
-                    dead[i] = type(exc).__name__
+            if ref not in ready:
+                dead[i] = "no answer"
+                continue
+            try:
+                ray.get(ref)
+            except RayActorError as exc:
+                dead[i] = type(exc).__name__
+            except RayError:
+                pass  # alive: its collective failed because a peer did
         return dead
 
     def _try_step(self, tokens: torch.Tensor, layout: StepLayout, caches: list[KVCache] | None,
@@ -184,9 +207,9 @@ class Router:
             logits = self.model(tokens, layout, caches, logits_at)
             ray.get(refs, timeout=self.timeout_s)
         except Exception as exc:
+            leave_group()  # unblocks the surviving shards' collectives
             dead = self._dead_shards(refs)
             names = [f"shard {i} ({reason})" for i, reason in dead.items()] or ["a shard's collective"]
-            leave_group()  # unblocks the surviving shards' collectives
             raise ShardFailure(f"{', '.join(names)} failed: {str(exc).splitlines()[0][:200]}", list(dead)) from exc
         return logits
 
@@ -220,9 +243,10 @@ class Router:
                 ray.kill(self.shards[i], no_restart=True)
                 self.shard_bundles[i] = None
             started_shards = self._start_new_shards([self.placement.shard_experts(i) for i in dead],
-                                                    [self.shard_nodes[i] for i in dead])
-            for i, (shard, node, bundle) in zip(dead, started_shards):
-                self.shards[i], self.shard_nodes[i], self.shard_bundles[i] = shard, node, bundle
+                                                    away=[self.shard_nodes[i] for i in dead])
+            with self._state_lock:
+                for i, (shard, node, bundle) in zip(dead, started_shards):
+                    self.shards[i], self.shard_nodes[i], self.shard_bundles[i] = shard, node, bundle
             self._form_group()
         except Exception as exc:
             self._failure = f"{failure}; no replacement: {str(exc).splitlines()[0][:300]}"
@@ -244,9 +268,11 @@ class Router:
         return imbalance((placement or self.placement).shard_load(load_LE))
 
     def _snapshot(self) -> dict:
-        shard_load = self.placement.shard_load(self.window_load())
-        return {"placement": self.placement.to_lists(), "shard_load": shard_load.sum(0).tolist(),
-                "imbalance": imbalance(shard_load), "shard_nodes": list(self.shard_nodes)}
+        with self._state_lock:
+            placement, nodes = self.placement, list(self.shard_nodes)
+        shard_load = placement.shard_load(self.window_load())
+        return {"placement": placement.to_lists(), "shard_load": shard_load.sum(0).tolist(),
+                "imbalance": imbalance(shard_load), "shard_nodes": nodes}
 
     def _record(self, action: str, started: float, before: dict, ok: bool, message: str) -> dict:
         event = {"time": started, "action": action, "before": before, "after": self._snapshot(),
@@ -258,7 +284,7 @@ class Router:
         return event
 
     def reconfigure(self, placement: ExpertPlacement, keep: list[int | None], action: str = "place",
-                    avoid: list[str] = (), message: str = "") -> dict:
+                    avoid: Iterable[str] = (), message: str = "") -> dict:
         """Move to `placement` while serving; returns the event. keep[i] is the current shard that
         becomes shard i (None: a new one); current shards not kept are removed. New shards start
         and kept ones load their new experts beside the running steps; then, between two steps,
@@ -275,28 +301,42 @@ class Router:
                 prepares = [self.shards[k].prepare.remote(placement.shard_experts(i))
                             for i, k in enumerate(keep) if k is not None]
                 slots = [i for i, k in enumerate(keep) if k is None]
-                new = dict(zip(slots, self._start_new_shards([placement.shard_experts(i) for i in slots], avoid)))
+                new = dict(zip(slots, self._start_new_shards([placement.shard_experts(i) for i in slots], avoid,
+                                                             away=before["shard_nodes"])))
                 ray.get(prepares, timeout=self.elastic.start_timeout_s)
-                with self._step_lock:
-                    if self.generation != generation or self._failure:
-                        raise ShardFailure("a shard failed while the new placement loaded; nothing changed")
-                    ray.get([self.shards[k].commit.remote() for k in keep if k is not None], timeout=self.timeout_s)
-                    removed = [s for j, s in enumerate(self.shards) if j not in keep]
-                    old = list(zip(self.shards, self.shard_nodes, self.shard_bundles))
-                    self.shards, self.shard_nodes, self.shard_bundles = (
-                        list(x) for x in zip(*[old[k] if k is not None else new[i] for i, k in enumerate(keep)]))
+            except Exception as exc:
+                return self._abandon(action, started, before, new, str(exc).splitlines()[0][:300])
+            with self._step_lock:
+                if self.generation != generation or self._failure:
+                    return self._abandon(action, started, before, new,
+                                         "a shard failed while the new placement loaded; nothing changed")
+                commits = [self.shards[k].commit.remote() for k in keep if k is not None]
+                ray.wait(commits, num_returns=len(commits), timeout=self.timeout_s)
+                # the kept shards hold the new stacks now: the router follows, whatever else happens
+                # (a shard that died meanwhile fails the next step and failover replaces it)
+                removed = [s for j, s in enumerate(self.shards) if j not in keep]
+                old = list(zip(self.shards, self.shard_nodes, self.shard_bundles))
+                with self._state_lock:
+                    self.shards, self.shard_nodes, self.shard_bundles = (list(x) for x in zip(
+                        *[old[k] if k is not None else new[i] for i, k in enumerate(keep)]))
+                    self._install(placement)
+                try:
                     if new or removed:
                         self._form_group()
-                    self._install(placement)
-            except Exception as exc:
-                for shard, _, _ in new.values():
-                    ray.kill(shard, no_restart=True)
-                return self._record(action, started, before, False, str(exc).splitlines()[0][:300])
+                except Exception as exc:  # the next step fails over
+                    leave_group()
+                    message = f"{message}; group not re-formed: {str(exc).splitlines()[0][:200]}"
             for shard in removed:
                 ray.kill(shard, no_restart=True)
             after = imbalance(placement.shard_load(self.window_load()))
             return self._record(action, started, before, True,
                                 message or f"imbalance {before['imbalance']:.3f} -> {after:.3f}")
+
+    def _abandon(self, action: str, started: float, before: dict, new: dict, message: str) -> dict:
+        """A re-placement that failed before the switch: new shards go, nothing else changed."""
+        for shard, _, _ in new.values():
+            ray.kill(shard, no_restart=True)
+        return self._record(action, started, before, False, message)
 
     def _keep_for(self, n: int) -> list[int | None]:
         """Which current shards stay when there are to be n: on scale-in, shards outside the
@@ -306,14 +346,15 @@ class Router:
         order = sorted(range(self.n_shards), key=lambda i: (self.shard_bundles[i] is None, i))
         return sorted(order[:n])
 
-    def _balanced(self, n: int) -> ExpertPlacement:
+    def balanced_for(self, n: int) -> ExpertPlacement:
+        """The balanced placement on n shards for the window's load."""
         E = self.cfg.moe.n_routed_experts
         redundant = min(self.elastic.redundant_experts, E * (n - 1))
         return balanced_placement(self.window_load(), n, redundant)
 
     def rebalance(self, action: str = "rebalance") -> dict:
         """Re-place experts (with replicas of hot ones, `redundant_experts`) by the window's load."""
-        return self.reconfigure(self._balanced(self.n_shards), list(range(self.n_shards)), action)
+        return self.reconfigure(self.balanced_for(self.n_shards), list(range(self.n_shards)), action)
 
     def apply_placement(self, lists: list, action: str = "place") -> dict:
         """An explicit placement: [layer][shard] -> expert ids (or one [shard] -> ids for every
@@ -326,7 +367,7 @@ class Router:
         if not 1 <= n <= self.cfg.moe.n_routed_experts:
             raise ValueError(f"number of shards must be between 1 and the {self.cfg.moe.n_routed_experts} experts, "
                              f"got {n}")
-        return self.reconfigure(self._balanced(n), self._keep_for(n), action,
+        return self.reconfigure(self.balanced_for(n), self._keep_for(n), action,
                                 message=f"{self.n_shards} -> {n} shards")
 
     def drain_node(self, node_id: str) -> dict:
@@ -339,20 +380,22 @@ class Router:
 
     def elastic_status(self) -> dict:
         """Placement, window load, imbalance, shards, events and controller settings (JSON-able)."""
+        with self._state_lock:
+            placement, shards = self.placement, list(zip(self.shards, self.shard_nodes, self.shard_bundles))
         load = self.window_load()
-        shard_load = self.placement.shard_load(load)
-        alive = self._alive()
+        shard_load = placement.shard_load(load)
+        alive = self._alive([shard for shard, _, _ in shards])
         value = imbalance(shard_load)
         self.metrics.observe_load(load, shard_load.sum(0), value)
         return {
-            "placement": self.placement.to_lists(),
+            "placement": placement.to_lists(),
             "load": load.tolist(),
             "shard_load": shard_load.sum(0).tolist(),
             "imbalance": value,
-            "shards": [{"index": i, "node_id": node, "alive": alive[i], "bundle": self.shard_bundles[i],
-                        "n_experts": sum(len(ids) for ids in self.placement.shard_experts(i)),
-                        "experts_per_layer": [len(ids) for ids in self.placement.shard_experts(i)]}
-                       for i, node in enumerate(self.shard_nodes)],
+            "shards": [{"index": i, "node_id": node, "alive": alive[i], "bundle": bundle,
+                        "n_experts": sum(len(ids) for ids in placement.shard_experts(i)),
+                        "experts_per_layer": [len(ids) for ids in placement.shard_experts(i)]}
+                       for i, (_, node, bundle) in enumerate(shards)],
             "router_node_id": self.node_id,
             "generation": self.generation,
             "failure": self._failure,
@@ -360,8 +403,9 @@ class Router:
             "controller": self.controller.describe(),
         }
 
-    def _alive(self) -> list[bool]:
-        refs = [shard.node_id.remote() for shard in self.shards]
+    @staticmethod
+    def _alive(shards: list) -> list[bool]:
+        refs = [shard.node_id.remote() for shard in shards]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5.0)
         alive = []
         for ref in refs:
@@ -497,10 +541,13 @@ class Router:
         """Start a new shard with the same experts in the old one's place and re-form the group."""
         with self._step_lock:
             ray.kill(self.shards[index], no_restart=True)
-            bundle = self.shard_bundles[index]
-            options = self.bundle_options[bundle] if bundle is not None else self._new_shard_options([], set())[0]
-            self.shards[index] = self._start_shard(self.placement.shard_experts(index), options)
-            self.shard_nodes[index] = self._wait_started([self.shards[index]])[0]
+            if self.shard_bundles[index] is None:
+                self.shards[index], self.shard_nodes[index], self.shard_bundles[index] = \
+                    self._start_new_shards([self.placement.shard_experts(index)])[0]
+            else:
+                self.shards[index] = self._start_shard(self.placement.shard_experts(index),
+                                                       self.bundle_options[self.shard_bundles[index]])
+                self.shard_nodes[index] = self._wait_started([self.shards[index]])[0]
             self._form_group()
 
     def shutdown(self) -> None:

@@ -17,12 +17,14 @@ from model.config import ConfigError
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that mean bad input rather than a bug (imported late: `moray --help` stays fast)."""
+    from actors.placement import PlacementError
+    from cluster.experts import ExpertsError
     from cluster.jobs import JobError
     from model.checkpoint import CheckpointError
     from model.tokenizer import TokenizerError
     from train.data import DataError
 
-    return (ConfigError, CheckpointError, DataError, TokenizerError, JobError)
+    return (ConfigError, CheckpointError, DataError, TokenizerError, JobError, ExpertsError, PlacementError)
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -108,16 +110,18 @@ def _start_ray(address: str | None, num_cpus: int | None = None):
                     dashboard_host="127.0.0.1")
 
 
-def deploy(checkpoint_dir: str, port: int, num_shards: int, use_gpu: bool = False, grpc_port: int = 9000) -> str:
-    """Start (or update) the moray Serve application; returns the HTTP endpoint."""
+def deploy(checkpoint_dir: str, port: int, num_shards: int, use_gpu: bool = False, grpc_port: int = 9000,
+           elastic: dict | None = None) -> str:
+    """Start (or update) the moray Serve application; returns the HTTP endpoint.
+    elastic: `cluster.elastic` settings (failover, rebalancing, shard autoscaling per replica)."""
     from ray import serve
 
     from serve.app import GRPC_SERVICER, build_app
 
     serve.start(http_options={"host": "127.0.0.1", "port": port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]})
-    serve.run(build_app({"checkpoint": checkpoint_dir, "num_shards": num_shards, "use_gpu": use_gpu}),
-              name="moray", route_prefix="/")
+    serve.run(build_app({"checkpoint": checkpoint_dir, "num_shards": num_shards, "use_gpu": use_gpu,
+                         "elastic": elastic}), name="moray", route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
 
@@ -135,9 +139,15 @@ def _wait_forever() -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from model.checkpoint import load_config as load_checkpoint_config
 
+    from dataclasses import asdict
+
+    from cluster.config import load_cluster_config
+
     name = load_checkpoint_config(args.checkpoint).name  # a bad checkpoint fails here, with one line
+    cluster_cfg = load_cluster_config(args.overrides)  # and a bad cluster.* override here
     context = _start_ray(args.address)
-    endpoint = deploy(str(Path(args.checkpoint).resolve()), args.port, args.num_shards, args.use_gpu, args.grpc_port)
+    endpoint = deploy(str(Path(args.checkpoint).resolve()), args.port, args.num_shards, args.use_gpu, args.grpc_port,
+                      asdict(cluster_cfg.elastic))
     print(f"model {name!r} served with {args.num_shards} expert shards")
     print(f"gRPC endpoint: 127.0.0.1:{args.grpc_port}  (serve/moray.proto, metadata application=moray)")
     print(f"OpenAI-compatible endpoint: {endpoint}/v1  (completions, chat/completions, models; health: {endpoint}/health)")
@@ -254,6 +264,137 @@ def _add_dashboard_parser(commands) -> None:
     dash.add_argument("--imbalance-alert", type=float, default=2.0,
                       help="alert when the expert load's max/mean over shards exceeds this (default 2.0)")
     dash.set_defaults(func=cmd_dashboard)
+def _connect(address: str | None) -> None:
+    """Join the given cluster, or the local one `moray serve` started (address "auto")."""
+    import logging
+
+    import ray
+
+    from cluster.experts import ExpertsError
+
+    try:
+        ray.init(address=address or "auto", logging_level=logging.ERROR, log_to_driver=False)
+    except ConnectionError as exc:
+        raise ExpertsError(f"no Ray cluster at {address or 'auto'}: {str(exc).splitlines()[0]}") from None
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the handle's INFO lines are not the answer
+
+
+def _print_event(event: dict) -> int:
+    state = "done" if event["ok"] else "FAILED"
+    print(f"{event['action']} {state} in {event['duration_s']:.2f} s: {event['message']}")
+    print(f"  imbalance {event['before']['imbalance']:.3f} -> {event['after']['imbalance']:.3f}, "
+          f"shards {len(event['before']['shard_load'])} -> {len(event['after']['shard_load'])}")
+    return 0 if event["ok"] else 1
+
+
+def cmd_cluster_status(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from cluster.experts import ExpertsError, experts_status
+
+    _connect(args.address)
+    nodes = [{"node_id": n["NodeID"], "alive": n["Alive"], "address": n["NodeManagerAddress"],
+              "cpus": n["Resources"].get("CPU", 0), "gpus": n["Resources"].get("GPU", 0)} for n in ray.nodes()]
+    apps = {name: {"status": str(app.status), "deployments": {
+        d: {str(state).split(".")[-1]: n for state, n in dep.replica_states.items()}
+        for d, dep in app.deployments.items()}} for name, app in serve.status().applications.items()}
+    try:
+        experts = experts_status(args.app)
+    except ExpertsError as exc:
+        experts = {"error": str(exc)}
+    if args.json:
+        print(json.dumps({"nodes": nodes, "applications": apps, "experts": experts}, indent=2))
+        return 0
+    print(f"nodes ({sum(n['alive'] for n in nodes)} alive):")
+    for n in nodes:
+        print(f"  {n['node_id'][:12]}  {'alive' if n['alive'] else 'DEAD '}  {n['address']:<15} "
+              f"CPU {n['cpus']:g}  GPU {n['gpus']:g}")
+    print("applications:")
+    for name, app in apps.items():
+        deployments = ", ".join(f"{d} {states}" for d, states in app["deployments"].items())
+        print(f"  {name}: {app['status']}  {deployments}")
+    if "error" in experts:
+        print(f"experts: {experts['error']}")
+        return 0
+    print(f"experts of {args.app!r} (replica {experts['replica'][:8]}, {len(experts['replicas'])} replica(s)): "
+          f"{len(experts['shards'])} shards, imbalance {experts['imbalance']:.3f}, "
+          f"controller {'on' if experts['controller']['enabled'] else 'off'}"
+          f"{', FAILED: ' + experts['failure'] if experts['failure'] else ''}")
+    for layer, shards in enumerate(experts["placement"]):
+        held = [e for ids in shards for e in ids]
+        replicated = sorted({e for e in held if held.count(e) > 1})
+        print(f"  MoE layer {layer}: {len(held)} expert copies on {len(shards)} shards"
+              f"{', replicated ' + str(replicated) if replicated else ''}")
+    for shard, load in zip(experts["shards"], experts["shard_load"]):
+        per_layer = "/".join(str(n) for n in shard["experts_per_layer"])
+        print(f"  shard {shard['index']}  node {shard['node_id'][:12]}  {'alive' if shard['alive'] else 'DEAD '}  "
+              f"experts per layer {per_layer}  window load {load:.0f}")
+    for event in experts["events"][-5:]:
+        print(f"  event {event['action']}: {'ok' if event['ok'] else 'FAILED'} {event['duration_s']:.2f} s "
+              f"{event['message'][:100]}")
+    return 0
+
+
+def cmd_experts_rebalance(args: argparse.Namespace) -> int:
+    from cluster.experts import rebalance
+
+    _connect(args.address)
+    return _print_event(rebalance(args.app))
+
+
+def _read_placement(path: str) -> list:
+    """A placement file: JSON or YAML, [layer][shard] -> expert ids or one [shard] -> ids."""
+    from omegaconf import OmegaConf
+
+    from cluster.experts import ExpertsError
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ExpertsError(f"placement file {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if path.endswith(".json") else OmegaConf.to_container(OmegaConf.create(text))
+    except Exception as exc:
+        raise ExpertsError(f"placement file {path}: not valid JSON/YAML: {str(exc).splitlines()[0]}") from None
+    if isinstance(data, dict):
+        data = data.get("placement")
+    if not isinstance(data, list):
+        raise ExpertsError(f"placement file {path}: expected a list ([layer][shard] -> expert ids) "
+                           f"or a mapping with a 'placement' list")
+    return data
+
+
+def cmd_experts_place(args: argparse.Namespace) -> int:
+    from actors.placement import ExpertPlacement
+    from cluster.experts import apply_placement, experts_status
+
+    lists = _read_placement(args.file)
+    _connect(args.address)
+    load = experts_status(args.app)["load"]
+    ExpertPlacement.from_lists(lists, len(load), len(load[0]))  # a broken map fails here, naming the expert
+    return _print_event(apply_placement(args.app, lists))
+
+
+def cmd_shards_scale(args: argparse.Namespace) -> int:
+    from cluster.experts import ExpertsError, scale_shards
+
+    if args.n < 1:
+        raise ExpertsError(f"number of shards must be >= 1, got {args.n}")
+    _connect(args.address)
+    return _print_event(scale_shards(args.app, args.n))
+
+
+def cmd_shards_drain(args: argparse.Namespace) -> int:
+    from cluster.experts import drain_node
+
+    _connect(args.address)
+    return _print_event(drain_node(args.app, args.node_id))
+
+
+def _admin_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="Ray cluster (default: auto, the local one `moray serve` started)")
+    parser.add_argument("--app", default="moray", help="Serve application name (default: moray)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_cmd = commands.add_parser("serve", help="serve a checkpoint: OpenAI-compatible HTTP on Ray Serve")
     serve_cmd.add_argument("checkpoint", help="moray model checkpoint directory (a training run's model/)")
+    serve_cmd.add_argument("overrides", nargs="*", help="cluster config overrides, e.g. cluster.elastic.rebalance=true "
+                           "cluster.elastic.threshold=1.2 cluster.elastic.redundant_experts=4")
     serve_cmd.add_argument("--address", help="Ray cluster to deploy to (default: an embedded local one)")
     serve_cmd.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default 8000)")
     serve_cmd.add_argument("--grpc-port", type=int, default=9000, help="gRPC port (default 9000)")
@@ -314,6 +457,34 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--no-wait", action="store_true", help="exit after the first completion")
     quick.set_defaults(func=cmd_quickstart)
     _add_dashboard_parser(commands)
+
+    cluster = commands.add_parser("cluster", help="the running cluster").add_subparsers(dest="cluster_command",
+                                                                                      required=True)
+    status = cluster.add_parser("status", help="nodes, applications, replicas, shards, placement, imbalance")
+    _admin_flags(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_cluster_status)
+
+    experts = commands.add_parser("experts", help="expert placement of a served model").add_subparsers(
+        dest="experts_command", required=True)
+    rebalance = experts.add_parser("rebalance", help="re-place experts by recent load (replicating hot ones)")
+    _admin_flags(rebalance)
+    rebalance.set_defaults(func=cmd_experts_rebalance)
+    place = experts.add_parser("place", help="apply an explicit placement from a JSON/YAML file")
+    place.add_argument("file", help="[layer][shard] -> expert ids, or one [shard] -> ids for every layer")
+    _admin_flags(place)
+    place.set_defaults(func=cmd_experts_place)
+
+    shards = commands.add_parser("shards", help="expert shards of a served model").add_subparsers(
+        dest="shards_command", required=True)
+    scale = shards.add_parser("scale", help="scale every replica to N expert shards while serving")
+    scale.add_argument("n", type=int, metavar="N")
+    _admin_flags(scale)
+    scale.set_defaults(func=cmd_shards_scale)
+    drain = shards.add_parser("drain", help="move every shard on a node to other nodes while serving")
+    drain.add_argument("node_id", help="node id (as `moray cluster status --json` lists it)")
+    _admin_flags(drain)
+    drain.set_defaults(func=cmd_shards_drain)
     return parser
 
 

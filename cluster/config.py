@@ -83,6 +83,24 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
+def load_cluster_config(overrides: list[str] | tuple[str, ...] = ()) -> ClusterConfig:
+    """Only the `cluster` section from dotlist overrides (`cluster.elastic.rebalance=true`), checked
+    against the same schema; for commands that take a checkpoint rather than a preset."""
+    cfg = OmegaConf.structured(ClusterConfig)
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.startswith("cluster."):
+            raise ConfigError(f"override {item!r}: expected cluster.<key>=value")
+        try:
+            dot = OmegaConf.from_dotlist([item[len("cluster."):]])
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"override {item!r}: {str(exc).splitlines()[0]}") from None
+        cfg = merge_checked(cfg, dot, f"override {item!r}")
+    obj: ClusterConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    check_elastic_config(obj.elastic)
+    return obj
+
+
 def _resolve_source(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():

@@ -3,11 +3,12 @@
     model = ShardedModel.create("ckpt/", num_shards=4)       # or (cfg, seed=0) for random weights
     logits = model.forward([[1, 2, 3]])
     outs = model.generate([[1, 2, 3]], SamplingParams(max_new_tokens=16))
+    model.scale_shards(3); model.rebalance(); model.apply_placement([[0, 1, 2], [2, 3, 4], [5, 6, 7]])
     model.shutdown()
 
 One placement group holds the model: bundle 0 for the router, bundles 1..N for the shards,
-spread across nodes (one GPU per bundle when there are GPUs). Shutdown frees every actor and
-the placement group.
+spread across nodes (one GPU per bundle when there are GPUs). Shards added later (scale-out,
+failover, drain) run outside that group. Shutdown frees every actor and the placement group.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from actors.bundles import actor_options, model_bundles, shard_options
+from actors.elastic import ElasticConfig
 from actors.placement import ExpertPlacement
 from actors.router import RouterActor
 from actors.weights import WeightSource
@@ -30,14 +32,16 @@ ROUTER_CONCURRENCY = 256  # concurrent generate calls that can wait on the runni
 
 
 class ShardedModel:
-    def __init__(self, router, pg: PlacementGroup, cfg: ModelConfig, placement: ExpertPlacement):
-        self.router, self.pg, self.cfg, self.placement = router, pg, cfg, placement
+    def __init__(self, router, pg: PlacementGroup, cfg: ModelConfig):
+        self.router, self.pg, self.cfg = router, pg, cfg
 
     @classmethod
     def create(cls, source: ModelConfig | str, num_shards: int = 2, seed: int | None = None,
                placement: ExpertPlacement | Sequence | None = None, dtype: str = "float32",
-               max_batch_size: int = 32, use_gpu: bool | None = None, timeout_s: float = 60.0) -> "ShardedModel":
-        """source: a checkpoint directory, or a model config together with `seed`."""
+               max_batch_size: int = 32, use_gpu: bool | None = None, timeout_s: float = 60.0,
+               elastic: ElasticConfig | dict | None = None) -> "ShardedModel":
+        """source: a checkpoint directory, or a model config together with `seed`.
+        elastic: failover / controller settings (default: failover on, controller off)."""
         if isinstance(source, ModelConfig):
             if seed is None:
                 raise ValueError("a sharded model from a config needs a seed for its weights")
@@ -57,12 +61,12 @@ class ShardedModel:
             ray.get(pg.ready(), timeout=timeout_s)
             router = RouterActor.options(max_concurrency=ROUTER_CONCURRENCY, **actor_options(pg, 0, use_gpu)).remote(
                 cfg, weights, placement, shard_options(pg, num_shards, use_gpu), dtype, max_batch_size, timeout_s,
-                use_gpu)
+                use_gpu, elastic)
             ray.get(router.stats.remote(), timeout=max(timeout_s, 120))  # construction errors surface here
         except Exception:
             remove_placement_group(pg)
             raise
-        return cls(router, pg, cfg, placement)
+        return cls(router, pg, cfg)
 
     def forward(self, tokens: list[list[int]] | torch.Tensor, decode_from: int | None = None) -> torch.Tensor:
         return ray.get(self.router.forward.remote(tokens, decode_from))
@@ -85,6 +89,28 @@ class ShardedModel:
 
     def replace_shard(self, index: int) -> None:
         ray.get(self.router.replace_shard.remote(index))
+
+    @property
+    def placement(self) -> ExpertPlacement:
+        """The current placement (it changes with rebalance, scale and apply_placement)."""
+        return ExpertPlacement.from_lists(self.elastic_status()["placement"], self.cfg.n_moe_layers,
+                                          self.cfg.moe.n_routed_experts)
+
+    def elastic_status(self) -> dict:
+        """Placement, window load, imbalance, shards, events (the keys of `cluster.experts.experts_status`)."""
+        return ray.get(self.router.elastic_status.remote())
+
+    def rebalance(self) -> dict:
+        return ray.get(self.router.rebalance.remote())
+
+    def apply_placement(self, lists: Sequence) -> dict:
+        return ray.get(self.router.apply_placement.remote(lists))
+
+    def scale_shards(self, n: int) -> dict:
+        return ray.get(self.router.scale_shards.remote(n))
+
+    def drain_node(self, node_id: str) -> dict:
+        return ray.get(self.router.drain_node.remote(node_id))
 
     def shutdown(self) -> None:
         try:

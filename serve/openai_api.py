@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from ray.serve.handle import DeploymentHandle
 
+from actors.router import ShardFailure
 from model.generate import SamplingParams
 from model.tokenizer import Tokenizer
 
@@ -73,6 +74,13 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
 
 
 def register_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ShardFailure)
+    async def shards_down(_: Request, exc: ShardFailure) -> JSONResponse:
+        """The model's shards are down and could not be replaced: say so, as OpenAI's 503."""
+        cause = getattr(exc, "cause", exc)  # Ray wraps the router's ShardFailure in a RayTaskError
+        message = str(cause).strip().splitlines()[0][:500]
+        return JSONResponse(error_body(message, None, "shards_unavailable", "server_error"), status_code=503)
+
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(error_body(exc.message, exc.param, exc.code), status_code=exc.status)

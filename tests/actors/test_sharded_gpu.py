@@ -38,3 +38,21 @@ def test_nccl_sharded_equals_single_process(gpu_ray, preset, seed, tmp_path):
         assert all(s["device"].startswith("cuda") for s in sharded.shard_stats())
         assert (sharded.forward(tokens) - expected).abs().max() <= 1e-5
         assert (sharded.forward(tokens, decode_from=7) - expected).abs().max() <= 1e-5
+
+
+def test_nccl_replacement_and_failover_keep_logits(gpu_ray, seed, tmp_path):
+    """Live re-placement (the shard's stack rebuilt on its GPU) and failover (a new shard on the
+    freed GPU, NCCL group re-formed, step re-run) give the single-process logits."""
+    cfg = tiny_config("tiny")
+    model = build_model(cfg, seed)
+    ckpt = save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict())
+    tokens = torch.randint(0, cfg.vocab_size, (3, 21), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected = model(tokens)
+    with ShardedModel.create(str(ckpt), num_shards=1, use_gpu=True) as sharded:
+        event = sharded.apply_placement([list(reversed(range(cfg.moe.n_routed_experts)))])
+        assert event["ok"], event["message"]
+        assert (sharded.forward(tokens, decode_from=7) - expected).abs().max() <= 1e-5
+        ray.kill(sharded.shard_handles()[0], no_restart=True)
+        assert (sharded.forward(tokens) - expected).abs().max() <= 1e-5
+        assert [e["action"] for e in sharded.elastic_status()["events"]] == ["place", "failover"]

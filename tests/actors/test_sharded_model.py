@@ -7,12 +7,13 @@ spread across its nodes and talk over gloo.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import ray
 import torch
 from ray.cluster_utils import Cluster
-from ray.util.placement_group import placement_group_table
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
 from actors.router import ShardFailure
 from cluster.sharded import ShardedModel
@@ -121,9 +122,10 @@ def test_concurrent_generate_is_batched_and_equals_alone(cluster, seed, tmp_path
 
 
 def test_killed_shard_is_an_error_then_replacement_restores_logits(cluster, seed, tmp_path):
+    """With failover off a dead shard is a clear error until `replace_shard`."""
     cfg, model = reference("tiny", seed)
     ckpt = save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict())
-    with ShardedModel.create(str(ckpt), num_shards=2) as sharded:
+    with ShardedModel.create(str(ckpt), num_shards=2, elastic={"failover": False}) as sharded:
         check_equal(sharded, model, seed)
         ray.kill(sharded.shard_handles()[1], no_restart=True)
         with pytest.raises(ray.exceptions.RayTaskError) as err:
@@ -157,3 +159,138 @@ def test_bad_inputs_are_clear_errors_and_the_model_keeps_serving(cluster, seed, 
         with pytest.raises(ray.exceptions.RayTaskError, match="prompt 0: prompt is empty"):
             sharded.generate([[]], SamplingParams())
         check_equal(sharded, model, seed)
+
+
+def test_replicas_and_live_replacement_keep_logits(cluster, seed, tmp_path):
+    """A placement with replicated experts, applied to the running model, gives the plain
+    placement's logits; the shards' counts show the replicas sharing their experts' tokens."""
+    cfg, model = reference("tiny", seed)
+    ckpt = save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict())
+    tokens = torch.randint(0, cfg.vocab_size, (4, 19), generator=torch.Generator().manual_seed(seed))
+    with ShardedModel.create(str(ckpt), num_shards=2) as sharded:
+        plain = sharded.forward(tokens)
+        replicated = [[[0, 1, 2, 3, 4, 5], [4, 5, 6, 7, 0]], [[7, 2, 3, 1], [1, 7, 0, 4, 5, 6, 2]]]
+        event = sharded.apply_placement(replicated)
+        assert event["ok"], event["message"]
+        assert event["before"]["placement"] != event["after"]["placement"] == replicated
+        assert (sharded.forward(tokens) - plain).abs().max() <= TOL
+        check_equal(sharded, model, seed)
+        per_expert = torch.zeros(cfg.n_moe_layers, cfg.moe.n_routed_experts, dtype=torch.long)
+        copies_used = 0
+        for s in sharded.shard_stats():
+            for layer, (ids, load) in enumerate(zip(s["expert_ids"], s["expert_load"])):
+                per_expert[layer, ids] += torch.tensor(load)
+                copies_used += sum(1 for e, n in zip(ids, load) if n > 0)
+        assert per_expert.sum() > 0 and copies_used > cfg.n_moe_layers * cfg.moe.n_routed_experts - 4
+
+
+def test_generation_continues_through_scale_rebalance_and_failover(cluster, seed, tmp_path):
+    """Sequences in flight keep their KV caches while shards are added, experts re-placed with
+    replicas, a shard is killed (replaced, step re-run) and shards removed: outputs equal the
+    single-process model's."""
+    cfg, model = reference("tiny", seed)
+    prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(seed + n)).tolist()
+               for n in (4, 9, 6)]
+    params = SamplingParams(max_new_tokens=40, temperature=0.0)
+    expected = generate(model, prompts, params)
+    ckpt = save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict())
+    with ShardedModel.create(str(ckpt), num_shards=2, elastic={"redundant_experts": 2}) as sharded:
+        for round_ in range(2):
+            pending = sharded.router.generate.remote(prompts, params)
+            if round_ == 0:
+                events = [sharded.scale_shards(3), sharded.rebalance()]
+            else:
+                ray.kill(sharded.shard_handles()[0], no_restart=True)
+                assert ray.get(pending, timeout=300) == expected
+                pending = sharded.router.generate.remote(prompts, params)
+                events = [sharded.scale_shards(2)]
+            assert all(e["ok"] for e in events), [e["message"] for e in events]
+            assert ray.get(pending, timeout=300) == expected
+        status = sharded.elastic_status()
+        assert [e["action"] for e in status["events"]] == ["scale", "rebalance", "failover", "scale"]
+        assert len(status["shards"]) == 2 and all(s["alive"] for s in status["shards"])
+        check_equal(sharded, model, seed)
+
+
+def test_failover_without_resources_is_a_clear_error_then_recovers(cluster, seed, tmp_path):
+    """A dead shard that cannot be replaced (no free CPU anywhere) fails the step with the reason,
+    in the request and in the status, instead of hanging; once resources return it can be replaced."""
+    cfg, model = reference("tiny", seed)
+    ckpt = save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict())
+    with ShardedModel.create(str(ckpt), num_shards=2, elastic={"start_timeout_s": 5}) as sharded:
+        free = int(ray.available_resources().get("CPU", 0))
+        blocker = placement_group([{"CPU": 1}] * free)
+        ray.get(blocker.ready(), timeout=60)
+        try:
+            ray.kill(sharded.shard_handles()[1], no_restart=True)
+            with pytest.raises(ray.exceptions.RayTaskError, match="no node has the resources"):
+                sharded.forward([[1, 2, 3]])
+            status = sharded.elastic_status()
+            assert "no node has the resources" in status["failure"]
+            assert status["events"][-1]["action"] == "failover" and not status["events"][-1]["ok"]
+        finally:
+            remove_placement_group(blocker)
+        sharded.replace_shard(1)
+        check_equal(sharded, model, seed)
+
+
+def skewed_model(cfg, seed: int, hot: list[int]):
+    """Routing that prefers a few experts: their selection bias is raised in every layer."""
+    model = build_model(cfg, seed)
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.expert_bias[hot] += 0.6
+    return model
+
+
+def test_controller_rebalances_a_skewed_load(cluster, seed, tmp_path):
+    """With a few hot experts the contiguous placement is unbalanced; the controller notices in
+    its window and re-places experts with replicas, after which the shards' measured load is
+    within 1.15 of even, and answers are unchanged."""
+    cfg, _ = reference("tiny", seed)
+    model = skewed_model(cfg, seed, hot=[0, 1, 2])
+    prompts = [torch.randint(3, cfg.vocab_size, (12,), generator=torch.Generator().manual_seed(seed + i)).tolist()
+               for i in range(6)]
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    expected = generate(model, prompts, params)
+    ckpt = save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict())
+    elastic = {"rebalance": True, "threshold": 1.15, "interval_s": 0.5, "min_window_tokens": 200,
+               "redundant_experts": 3}
+    with ShardedModel.create(str(ckpt), num_shards=2, elastic=elastic) as sharded:
+        assert sharded.generate(prompts, params) == expected
+        deadline = time.time() + 60
+        while time.time() < deadline and not sharded.elastic_status()["events"]:
+            time.sleep(0.5)
+        event = sharded.elastic_status()["events"][0]
+        assert event["action"] == "auto-rebalance" and event["ok"], event
+        print(f"imbalance: contiguous {event['before']['imbalance']:.3f} -> rebalanced {event['after']['imbalance']:.3f}")
+        assert event["before"]["imbalance"] > 1.3 and event["after"]["imbalance"] <= 1.15
+        assert sharded.generate(prompts, params) == expected
+        measured = [sum(sum(layer) for layer in s["expert_load"]) for s in sharded.shard_stats()]
+        assert max(measured) / (sum(measured) / len(measured)) <= 1.15, measured
+
+
+def test_controller_scales_shards_by_load(cluster, seed):
+    """Under load, above scale_up_tokens_s routed tokens/s per shard, the controller adds a shard
+    (up to max_shards); once idle, below scale_down_tokens_s, it removes one again. Answers stay."""
+    cfg = tiny_config("tiny")
+    torch.manual_seed(seed)
+    model = Transformer(cfg).eval()
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    params = SamplingParams(max_new_tokens=16, temperature=0.0)
+    expected = generate(model, prompts, params)
+    elastic = {"autoscale": True, "scale_up_tokens_s": 5.0, "scale_down_tokens_s": 2.0, "min_shards": 2,
+               "max_shards": 3, "interval_s": 0.5, "window_steps": 8}
+    with ShardedModel.create(cfg, num_shards=2, seed=seed, elastic=elastic) as sharded:
+        answers = []
+        for _ in range(60):  # load until the controller has scaled out (bounded)
+            answers.append(sharded.generate(prompts, params))
+            if sharded.elastic_status()["events"]:
+                break
+        deadline = time.time() + 90
+        while time.time() < deadline and len(sharded.elastic_status()["events"]) < 2:
+            time.sleep(0.5)
+        events = sharded.elastic_status()["events"]
+        assert [(e["action"], e["message"], e["ok"]) for e in events] == [
+            ("auto-scale", "2 -> 3 shards", True), ("auto-scale", "3 -> 2 shards", True)], events
+        assert all(a == expected for a in answers) and sharded.generate(prompts, params) == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -69,3 +70,19 @@ def test_cli_config_error_is_one_line_and_exit_code_2():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "model.moe.top_k" in proc.stderr
+
+
+def test_elastic_settings_are_checked_in_either_form():
+    """`cluster.elastic` in a full config and as `moray serve` overrides: one schema, same checks."""
+    from cluster.config import load_cluster_config
+
+    assert load_config("tiny", ["cluster.elastic.rebalance=true"]).cluster.elastic.rebalance
+    elastic = load_cluster_config(["cluster.elastic.threshold=1.2", "cluster.elastic.redundant_experts=4"]).elastic
+    assert (elastic.threshold, elastic.redundant_experts, elastic.failover) == (1.2, 4, True)
+    for overrides, key in ((["cluster.elastic.threshold=0.9"], "cluster.elastic.threshold"),
+                           (["cluster.elastic.treshold=2"], "treshold"),
+                           (["model.dim=3"], "expected cluster.<key>=value")):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            load_cluster_config(overrides)
+    with pytest.raises(ConfigError, match="cluster.elastic.min_shards"):
+        load_config("tiny", ["cluster.elastic.min_shards=9", "cluster.elastic.max_shards=2"])
