@@ -19,14 +19,11 @@ function h(tag, attrs, ...children) {
   return el;
 }
 
-// form fields keep what the user typed across the periodic redraws
-const typed = {};
-function field(form, name, attrs, tag = "input") {
-  const key = `${form}.${name}`, initial = attrs.value;
-  const el = h(tag, {...attrs, name, value: tag === "input" ? (typed[key] ?? initial) : undefined,
-    oninput: e => { typed[key] = e.target.value; }});
-  if (tag === "textarea") el.value = typed[key] ?? initial;
-  return el;
+// forms are built once and moved into each redraw, so what is typed (and a reply shown) stays
+const kept = new Map();
+function keep(id, build) {
+  if (!kept.has(id)) kept.set(id, build());
+  return kept.get(id);
 }
 
 function table(headers, rows) {
@@ -110,9 +107,9 @@ function submitForm() {
       const overrides = f.overrides.value.split(/\s+/).filter(Boolean);
       act(null, "/jobs", {preset: f.preset.value.trim(), overrides}, r => flash(`submitted job ${r.id}`));
     }},
-      h("label", {}, "preset", field("job", "preset", {value: "tiny", size: 12})),
+      h("label", {}, "preset", h("input", {name: "preset", value: "tiny", size: 12})),
       h("label", {}, "overrides (dotlist, space separated)",
-        field("job", "overrides", {rows: 2, cols: 60, value: "train.max_steps=50 train.num_workers=1"}, "textarea")),
+        h("textarea", {name: "overrides", rows: 2, cols: 60}, "train.max_steps=50 train.num_workers=1")),
       h("button", {type: "submit"}, "Submit")));
 }
 
@@ -139,7 +136,7 @@ async function jobs(root) {
     h("td", {}, dur(j.duration_s)), h("td", {class: "muted"}, j.message)));
   const parts = [h("h2", {}, "Training jobs"),
     h("section", {}, jobs.length ? table(["job", "status", "run", "submitted", "duration", "message"], rows)
-      : h("div", {class: "muted"}, "no jobs submitted to this cluster yet")), submitForm()];
+      : h("div", {class: "muted"}, "no jobs submitted to this cluster yet")), keep("submit-job", submitForm)];
   if (state.job) {
     const [job, logs] = await Promise.all([api(`/jobs/${state.job}`), api(`/jobs/${state.job}/logs`)]);
     const last = job.metrics[job.metrics.length - 1];
@@ -169,7 +166,7 @@ function trafficCells(t) {
 }
 
 function completionForm(app) {
-  const out = h("pre", {class: "logs", id: "completion-out", hidden: !state.completion}, state.completion || "");
+  const out = h("pre", {class: "logs", id: "completion-out", hidden: true});
   return h("section", {}, h("h3", {}, `Send a test completion to ${app}`),
     h("form", {class: "inline", id: "test-completion", onsubmit: e => {
       e.preventDefault();
@@ -178,11 +175,11 @@ function completionForm(app) {
       out.hidden = false;
       act(null, `/endpoints/${app}/completion`,
         {prompt: f.prompt.value, max_tokens: Number(f.max_tokens.value), temperature: Number(f.temperature.value)},
-        r => { state.completion = `${f.prompt.value}${r.text}\n\n(${r.usage.completion_tokens} tokens in ${r.latency_s.toFixed(2)} s)`; });
+        r => { out.textContent = `${f.prompt.value}${r.text}\n\n(${r.usage.completion_tokens} tokens in ${r.latency_s.toFixed(2)} s)`; });
     }},
-      h("label", {}, "prompt", field("completion", "prompt", {value: "def main(", size: 40})),
-      h("label", {}, "max tokens", field("completion", "max_tokens", {type: "number", value: 16, min: 1, max: 256})),
-      h("label", {}, "temperature", field("completion", "temperature", {type: "number", value: 0, step: 0.1, min: 0, max: 2})),
+      h("label", {}, "prompt", h("input", {name: "prompt", value: "def main(", size: 40})),
+      h("label", {}, "max tokens", h("input", {name: "max_tokens", type: "number", value: 16, min: 1, max: 256})),
+      h("label", {}, "temperature", h("input", {name: "temperature", type: "number", value: 0, step: 0.1, min: 0, max: 2})),
       h("button", {type: "submit"}, "Send")), out);
 }
 
@@ -206,7 +203,10 @@ async function endpoints(root) {
       app.message ? h("div", {class: "alert error"}, app.message) : "",
       table(["deployment", "status", "replicas and shards", "autoscaling", "requests/s", "p50", "p99", "tokens/s", "errors"], rows)));
   }
-  if (applications.length) parts.push(completionForm(applications.some(a => a.name === state.app) ? state.app : applications[0].name));
+  if (applications.length) {
+    const app = applications.some(a => a.name === state.app) ? state.app : applications[0].name;
+    parts.push(keep(`completion:${app}`, () => completionForm(app)));
+  }
   root.replaceChildren(...parts);
 }
 
@@ -257,21 +257,19 @@ function drawExperts(status, placementCanvas, heatCanvas) {
   window.morayTimings.expertsDrawMs = performance.now() - t0;
 }
 
-function expertActions(app, st) {
-  const nodes = [...new Set(st.shards.map(s => s.node_id))];
+function expertActions(app, shards) {
   return h("section", {}, h("h3", {}, "Actions"), h("div", {class: "inline"},
     h("button", {id: "rebalance", onclick: () => act(`Rebalance the experts of ${app} from their measured load?`,
       `/experts/${app}/rebalance`, {}, ev => flash(`rebalance: ${ev.message || (ev.ok ? "done" : "failed")}`, ev.ok === false))}, "Rebalance"),
     " ",
-    h("label", {}, " shards ", field("experts", "shards", {id: "shard-count", type: "number", min: 1, value: st.shards.length, style: "width:60px"})),
+    h("label", {}, " shards ", h("input", {id: "shard-count", type: "number", min: 1, value: shards, style: "width:60px"})),
     h("button", {id: "scale", class: "secondary", onclick: () => {
       const n = Number(document.getElementById("shard-count").value);
       act(`Scale ${app} to ${n} expert shards?`, `/experts/${app}/scale`, {shards: n},
         ev => flash(`scale: ${ev.message || (ev.ok ? "done" : "failed")}`, ev.ok === false));
     }}, "Scale shards"),
     " ",
-    h("select", {id: "drain-node", onchange: e => { typed["experts.node"] = e.target.value; }},
-      nodes.map(n => h("option", {value: n, selected: typed["experts.node"] === n}, short(n)))),
+    h("select", {id: "drain-node"}),
     h("button", {id: "drain", class: "danger", onclick: () => {
       const n = document.getElementById("drain-node").value;
       act(`Drain node ${short(n)}: move its shards elsewhere?`, `/experts/${app}/drain`, {node_id: n},
@@ -279,8 +277,16 @@ function expertActions(app, st) {
     }}, "Drain node")));
 }
 
+function setNodeChoices(section, nodes) {
+  const select = section.querySelector("#drain-node"), chosen = select.value;
+  if ([...select.options].map(o => o.value).join() === nodes.join()) return;
+  select.replaceChildren(...nodes.map(n => h("option", {value: n, selected: n === chosen}, short(n))));
+}
+
 async function experts(root) {
   const st = await api(`/experts/${encodeURIComponent(state.app)}`);
+  const actions = keep(`actions:${state.app}`, () => expertActions(state.app, st.shards.length));
+  setNodeChoices(actions, [...new Set(st.shards.map(s => s.node_id))]);
   const placement = h("canvas", {class: "grid", id: "placement"}), heatmap = h("canvas", {class: "grid", id: "heatmap"});
   const loads = st.shard_load || [];
   const events = (st.events || []).slice().reverse().map(ev => h("tr", {class: "event-row"},
@@ -293,7 +299,7 @@ async function experts(root) {
       h("div", {}, "shards alive", h("b", {id: "shards-alive"}, `${st.shards.filter(s => s.alive).length} / ${st.shards.length}`)),
       h("div", {}, "imbalance (max/mean)", h("b", {id: "imbalance"}, Charts.fmt(st.imbalance))),
       h("div", {}, "tokens routed", h("b", {id: "load-total"}, "-")))),
-    expertActions(state.app, st),
+    actions,
     h("section", {}, h("h3", {}, "Placement (rows: MoE layers, columns: experts; colour: shard, white mark: replicated)"),
       h("div", {class: "legend"}, st.shards.map((s, i) => h("span", {}, h("i", {style: `background:${Charts.shardColor(i)}`}),
         `shard ${s.index} on ${short(s.node_id)}${s.alive ? "" : " (dead)"}: ${s.n_experts} experts, load ${Charts.fmt(loads[i])}`))),
