@@ -181,6 +181,19 @@ def test_jobs_page_follows_the_running_job_live(page, live):
     shoot(page, live, "jobs")
 
 
+def test_submit_form_shows_why_a_job_was_refused(page, live):
+    show(page, live, "jobs")
+    page.fill("#token", TOKEN)
+    page.dispatch_event("#token", "change")
+    jobs_before = len(requests.get(f"{live['url']}/api/jobs", timeout=60).json()["jobs"])
+    page.fill("#submit-job textarea[name=overrides]", "train.num_workers=1 train.max_stepz=5")
+    page.click("#submit-job button")
+    page.wait_for_function("!document.getElementById('flash').hidden", timeout=30_000)
+    assert "train.max_stepz" in page.text_content("#flash")
+    assert page.get_attribute("#flash", "class") == "error"
+    assert len(requests.get(f"{live['url']}/api/jobs", timeout=60).json()["jobs"]) == jobs_before
+
+
 def test_endpoints_page_shows_replicas_shards_traffic_and_sends_a_test_completion(page, live):
     for prompt in ("import os", "def main(", "class A:"):
         complete(live, prompt)
