@@ -161,7 +161,7 @@ async function jobs(root) {
 function trafficCells(t) {
   t = t || {};
   return [Charts.fmt(t.requests_per_s), t.p50_ms == null ? "-" : `${t.p50_ms.toFixed(0)} ms`,
-          t.p99_ms == null ? "-" : `${t.p99_ms.toFixed(0)} ms`, Charts.fmt(t.tokens_per_s),
+          t.p99_ms == null ? "-" : `${t.p99_ms.toFixed(0)} ms`, t.tokens_total ? Charts.fmt(t.tokens_per_s) : "-",
           String(t.errors_total || 0)].map(v => h("td", {}, v));
 }
 
@@ -343,6 +343,7 @@ function route() {
   document.body.dataset.view = state.view;
   delete document.body.dataset.rendered;
   document.getElementById("view").replaceChildren(h("div", {class: "muted"}, "loading..."));
+  document.getElementById("flash").hidden = true;
   refresh();
 }
 
