@@ -20,7 +20,7 @@ from pathlib import Path
 import ray
 import requests
 from ray.job_submission import JobStatus
-from ray.util.state import list_actors, list_nodes
+from ray.util.state import list_nodes
 
 from cluster.config import load_config
 from cluster.dashboard.prometheus import ClusterMetrics
@@ -211,23 +211,18 @@ class ClusterView:
         details = self.serve_details()
         ray_nodes = ray.nodes()
         self.metrics.refresh(ray_nodes)
-        shards_by_group: dict[str, list[dict]] = {}
-        for actor in list_actors(filters=[("class_name", "=", "ExpertShard"), ("state", "!=", "DEAD")],
-                                 **self._state()):
-            shards_by_group.setdefault(actor.placement_group_id, []).append(
-                {"actor_id": actor.actor_id, "node_id": actor.node_id, "state": actor.state, "pid": actor.pid})
-        replica_groups = {a.actor_id: a.placement_group_id for a in list_actors(
-            filters=[("state", "!=", "DEAD")], **self._state())
-            if a.class_name.startswith("ServeReplica:")}
         http = details.get("http_options") or {}
         apps = []
         for name, app in (details.get("applications") or {}).items():
+            # each model replica's shards as its router knows them (scaled-out ones included)
+            model = _controller().MODEL_DEPLOYMENT in app.get("deployments", {})
+            status = self.experts_or_none(name) if model else None
+            shards_of = {replica: st["shards"] for replica, st in (status or {}).get("replicas", {}).items()}
             deployments = []
             for dep_name, dep in app.get("deployments", {}).items():
                 config = dep.get("deployment_config") or {}
                 replicas = [{"replica_id": r.get("replica_id"), "state": r.get("state"), "node_id": r.get("node_id"),
-                             "pid": r.get("pid"),
-                             "shards": shards_by_group.get(replica_groups.get(r.get("actor_id")), [])}
+                             "pid": r.get("pid"), "shards": shards_of.get(r.get("replica_id"), [])}
                             for r in dep.get("replicas", [])]
                 deployments.append({"name": dep_name, "status": dep.get("status"),
                                     "status_trigger": dep.get("status_trigger"), "message": dep.get("message", ""),

@@ -247,6 +247,9 @@ def test_scale_shards_from_the_page(page, live):
     assert "scale" in page.locator("tr.event-row").first.text_content()
     assert all(len(layer) == 3 for layer in experts(live)["placement"])
     assert len(json.loads(page.get_attribute("#placement", "data-placement"))[0]) == 3
+    # the Endpoints page lists the new shard under its replica (it started outside the replica's group)
+    show(page, live, "endpoints")
+    assert page.locator("tr.deployment-row[data-deployment='MoEModel'] .shard").count() == 3
 
 
 def test_overview_alerts_on_expert_imbalance(page, live):

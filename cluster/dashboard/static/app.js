@@ -72,9 +72,9 @@ async function act(question, path, payload, done) {
 
 // ---- overview -----------------------------------------------------------------------------
 
-async function overview(root) {
+async function overview(show) {
   const d = await api(`/overview?app=${encodeURIComponent(state.app)}`);
-  root.replaceChildren(
+  return show(
     h("h2", {}, "Overview"),
     h("section", {}, h("div", {class: "kv"},
       h("div", {}, "Ray", h("b", {id: "ray-version"}, d.ray_version)),
@@ -127,7 +127,7 @@ function jobCharts(metrics) {
   return h("div", {class: "charts", "data-points": metrics.length}, loss, speed, load);
 }
 
-async function jobs(root) {
+async function jobs(show) {
   const {jobs} = await api("/jobs");
   if (!state.job && jobs.length) state.job = jobs[0].id;
   const rows = jobs.map(j => h("tr", {class: `clickable job-row${j.id === state.job ? " selected" : ""}`, "data-job": j.id,
@@ -151,9 +151,10 @@ async function jobs(root) {
       jobCharts(job.metrics),
       h("h3", {}, "Logs"), h("pre", {class: "logs", id: "job-logs"}, logs.slice(-20000).replace(/\x1b\[[0-9;]*m/g, ""))));
   }
-  root.replaceChildren(...parts);
+  if (!show(...parts)) return false;
   const pre = document.getElementById("job-logs");
   if (pre) pre.scrollTop = pre.scrollHeight;
+  return true;
 }
 
 // ---- endpoints ----------------------------------------------------------------------------
@@ -183,7 +184,7 @@ function completionForm(app) {
       h("button", {type: "submit"}, "Send")), out);
 }
 
-async function endpoints(root) {
+async function endpoints(show) {
   const {applications} = await api("/endpoints");
   const parts = [h("h2", {}, "Endpoints")];
   if (!applications.length) parts.push(h("section", {class: "muted"}, "no Serve applications"));
@@ -192,7 +193,8 @@ async function endpoints(root) {
       const a = d.autoscaling;
       const replicas = d.replicas.map(r => h("div", {class: "replica"}, `${r.replica_id} `, status(r.state),
         ` on ${short(r.node_id)}`, r.shards.length ? ` + ${r.shards.length} shards: ` : "",
-        r.shards.map((s, i) => h("span", {class: "shard", title: s.actor_id}, `#${i} ${short(s.node_id)} ${s.state}; `))));
+        r.shards.map(s => h("span", {class: "shard", title: `${s.n_experts} expert copies`},
+          `#${s.index} on ${short(s.node_id)} `, status(s.alive ? "ALIVE" : "DEAD"), "; "))));
       return h("tr", {class: "deployment-row", "data-deployment": d.name},
         h("td", {}, d.name), h("td", {}, status(d.status), h("div", {class: "muted"}, d.status_trigger || "")),
         h("td", {}, replicas), h("td", {}, a ? `${a.min_replicas}..${a.max_replicas} (target ${d.target_replicas})` : `fixed ${d.target_replicas}`),
@@ -207,7 +209,7 @@ async function endpoints(root) {
     const app = applications.some(a => a.name === state.app) ? state.app : applications[0].name;
     parts.push(keep(`completion:${app}`, () => completionForm(app)));
   }
-  root.replaceChildren(...parts);
+  return show(...parts);
 }
 
 // ---- experts ------------------------------------------------------------------------------
@@ -283,7 +285,7 @@ function setNodeChoices(section, nodes) {
   select.replaceChildren(...nodes.map(n => h("option", {value: n, selected: n === chosen}, short(n))));
 }
 
-async function experts(root) {
+async function experts(show) {
   const st = await api(`/experts/${encodeURIComponent(state.app)}`);
   const actions = keep(`actions:${state.app}`, () => expertActions(state.app, st.shards.length));
   setNodeChoices(actions, [...new Set(st.shards.map(s => s.node_id))]);
@@ -292,13 +294,14 @@ async function experts(root) {
   const events = (st.events || []).slice().reverse().map(ev => h("tr", {class: "event-row"},
     h("td", {}, when(ev.time)), h("td", {}, ev.action), h("td", {}, status(ev.ok ? "SUCCEEDED" : "FAILED")),
     h("td", {}, ev.duration_s == null ? "-" : `${ev.duration_s.toFixed(2)} s`), h("td", {}, ev.message || "")));
-  root.replaceChildren(
+  drawExperts(st, placement, heatmap);
+  const shown = show(
     h("h2", {}, `Experts of ${state.app}`),
     h("section", {}, h("div", {class: "kv"},
       h("div", {}, "MoE layers x experts", h("b", {}, `${st.load.length} x ${st.load[0].length}`)),
       h("div", {}, "shards alive", h("b", {id: "shards-alive"}, `${st.shards.filter(s => s.alive).length} / ${st.shards.length}`)),
       h("div", {}, "imbalance (max/mean)", h("b", {id: "imbalance"}, Charts.fmt(st.imbalance))),
-      h("div", {}, "tokens routed", h("b", {id: "load-total"}, "-")))),
+      h("div", {}, "tokens routed", h("b", {id: "load-total"}, Charts.fmt(Number(heatmap.dataset.loadTotal)))))),
     actions,
     h("section", {}, h("h3", {}, "Placement (rows: MoE layers, columns: experts; colour: shard, white mark: replicated)"),
       h("div", {class: "legend"}, st.shards.map((s, i) => h("span", {}, h("i", {style: `background:${Charts.shardColor(i)}`}),
@@ -308,9 +311,8 @@ async function experts(root) {
       h("div", {class: "grid-wrap"}, heatmap)),
     h("section", {}, h("h3", {}, "Events"), events.length ? table(["when", "action", "result", "took", "message"], events)
       : h("div", {class: "muted"}, "none yet")));
-  drawExperts(st, placement, heatmap);
-  document.getElementById("load-total").textContent = Charts.fmt(Number(heatmap.dataset.loadTotal));
-  if (window.morayTimings.expertsReadyMs === undefined) window.morayTimings.expertsReadyMs = performance.now();
+  if (shown && window.morayTimings.expertsReadyMs === undefined) window.morayTimings.expertsReadyMs = performance.now();
+  return shown;
 }
 
 // ---- routing and polling --------------------------------------------------------------------
@@ -321,11 +323,17 @@ async function refresh() {
   clearTimeout(state.timer);
   const view = state.view, generation = ++state.generation;
   const root = document.getElementById("view");
-  // an open form or a focused field is not redrawn under the user's hands
-  const busy = root.contains(document.activeElement) && ["INPUT", "TEXTAREA", "SELECT"].includes(document.activeElement.tagName);
+  // the new page replaces the old one only if it is still wanted and no field has the focus:
+  // a form is never redrawn under the user's hands (checked when the data has arrived)
+  const show = (...parts) => {
+    const focused = document.activeElement;
+    if (generation !== state.generation ||
+        (root.contains(focused) && ["INPUT", "TEXTAREA", "SELECT"].includes(focused.tagName))) return false;
+    root.replaceChildren(...parts);
+    return true;
+  };
   try {
-    if (!busy) {
-      await VIEWS[view](root);
+    if (await VIEWS[view](show)) {
       document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
       document.body.dataset.refreshes = Number(document.body.dataset.refreshes || 0) + 1;
       document.body.dataset.rendered = view;
