@@ -2,9 +2,9 @@
 
 Nodes from the Ray state API, their use from Ray's Prometheus metrics, jobs from the job
 submission client, a training job's curves from its run's `metrics.jsonl`, Serve applications
-from Serve's REST API and `serve.status()`, shards from the state API, and the expert placement
-and load from the elastic controller (`cluster.experts`). The dashboard process is a Ray driver
-of the cluster it shows.
+and replicas from Serve's REST API, and each model replica's shards, expert placement and load
+from the elastic controller's client API (`cluster.experts`). The dashboard process is a Ray
+driver of the cluster it shows.
 """
 
 from __future__ import annotations
@@ -92,6 +92,13 @@ def read_metrics(run_dir: Path | None) -> list[dict]:
         except json.JSONDecodeError:
             continue  # the line being written right now
     return records
+
+
+def app_url(serve_details: dict, app: str) -> str:
+    """Where clients reach a Serve application over HTTP (Serve's proxy address + its route)."""
+    http = serve_details.get("http_options") or {}
+    route = (serve_details["applications"][app].get("route_prefix") or "/").rstrip("/")
+    return f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{route}"
 
 
 def _seconds(ms: int | None) -> float | None:
@@ -211,7 +218,6 @@ class ClusterView:
         details = self.serve_details()
         ray_nodes = ray.nodes()
         self.metrics.refresh(ray_nodes)
-        http = details.get("http_options") or {}
         apps = []
         for name, app in (details.get("applications") or {}).items():
             # each model replica's shards as its router knows them (scaled-out ones included)
@@ -231,15 +237,15 @@ class ClusterView:
                                     "traffic": self.metrics.deployment(name, dep_name)})
             apps.append({"name": name, "status": app.get("status"), "message": app.get("message", ""),
                          "route_prefix": app.get("route_prefix"), "deployments": deployments,
-                         "url": f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
-                                f"{(app.get('route_prefix') or '/').rstrip('/')}"})
+                         "url": app_url(details, name)})
         return {"applications": apps}
 
     def test_completion(self, app: str, prompt: str, max_tokens: int, temperature: float) -> dict:
         """One completion through the application's public HTTP route, as a client would send it."""
-        url = next((a["url"] for a in self.endpoints()["applications"] if a["name"] == app), None)
-        if url is None:
+        details = self.serve_details()
+        if app not in (details.get("applications") or {}):
             raise NotFound(f"no Serve application {app!r}")
+        url = app_url(details, app)
         models = requests.get(f"{url}/v1/models", timeout=30).json()["data"]
         started = time.perf_counter()
         r = requests.post(f"{url}/v1/completions", timeout=300, json={
@@ -259,10 +265,10 @@ class ClusterView:
             return None  # no such application (yet)
 
     def experts(self, app: str) -> dict:
-        status = self.experts_or_none(app)
-        if status is None:
-            raise NotFound(f"no served moray model in application {app!r}")
-        return status
+        try:
+            return _controller().experts_status(app)
+        except _controller().ExpertsError as exc:
+            raise NotFound(str(exc)) from None
 
     def rebalance(self, app: str) -> dict:
         return _controller().rebalance(app)
