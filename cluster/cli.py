@@ -209,6 +209,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_moray_dashboard(context, runs: str, data: str) -> None:
+    from cluster.dashboard import DEFAULT_PORT, admin_token, port_or_free, start_in_background
+
+    token, generated = admin_token()
+    url, _ = start_in_background(context, port=port_or_free("127.0.0.1", DEFAULT_PORT), runs_dir=runs,
+                                 data_dir=data, token=token)
+    print(f"moray dashboard: {url}" + (f"  (admin token: {token})" if generated else ""))
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """Prepare the corpus, train `tiny` with 2 expert-parallel workers, serve it, ask it."""
     import requests
@@ -243,6 +252,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     print("\n" + prompt + reply["choices"][0]["text"] + "\n")
     print(f"OpenAI-compatible endpoint: {endpoint}/v1")
     print(f"Ray dashboard: http://{context.dashboard_url}")
+    _print_moray_dashboard(context, args.runs, args.data)
     print(f"try: curl {endpoint}/v1/completions -H 'content-type: application/json' "
           f"-d '{{\"model\": \"tiny\", \"prompt\": \"import \", \"max_tokens\": 20}}'")
     if not args.no_wait:
@@ -250,6 +260,37 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """The admin dashboard in the foreground, as a driver of the given (or an embedded) cluster."""
+    import uvicorn
+
+    from cluster.dashboard import admin_token, build
+
+    token, generated = admin_token()
+    context = _start_ray(args.address)
+    app = build(context, runs_dir=args.runs, data_dir=args.data, app=args.app, token=token,
+                protect_reads=args.protect_reads, imbalance_alert=args.imbalance_alert)
+    print(f"moray dashboard: http://{args.host}:{args.port}  (Ray dashboard: http://{context.dashboard_url})")
+    if generated:
+        print(f"admin token (shown once; set MORAY_DASHBOARD_TOKEN to choose it): {token}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _add_dashboard_parser(commands) -> None:
+    from cluster.dashboard import DEFAULT_PORT
+
+    dash = commands.add_parser("dashboard", help="the admin dashboard: nodes, training jobs, endpoints, experts")
+    dash.add_argument("--address", help="Ray cluster to show (default: an embedded local one)")
+    dash.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    dash.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTP port (default {DEFAULT_PORT})")
+    dash.add_argument("--app", default="moray", help="Serve application of the model (default moray)")
+    dash.add_argument("--runs", default="runs", help="training runs directory (default runs)")
+    dash.add_argument("--data", default="data/corpus", help="corpus for jobs submitted from the dashboard")
+    dash.add_argument("--protect-reads", action="store_true", help="require the admin token for every page too")
+    dash.add_argument("--imbalance-alert", type=float, default=2.0,
+                      help="alert when the expert load's max/mean over shards exceeds this (default 2.0)")
+    dash.set_defaults(func=cmd_dashboard)
 def _connect(address: str | None) -> None:
     """Join the given cluster, or the local one `moray serve` started (address "auto")."""
     import logging
@@ -469,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--grpc-port", type=int, default=9000)
     quick.add_argument("--no-wait", action="store_true", help="exit after the first completion")
     quick.set_defaults(func=cmd_quickstart)
+    _add_dashboard_parser(commands)
 
     cluster = commands.add_parser("cluster", help="the running cluster").add_subparsers(dest="cluster_command",
                                                                                       required=True)

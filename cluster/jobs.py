@@ -32,13 +32,17 @@ def local_token() -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
+def auth_headers() -> dict[str, str]:
+    """The header that opens a token-authenticated cluster's dashboard APIs (none without a token)."""
+    token = local_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def job_client(address: str) -> JobSubmissionClient:
     """A job client that sends the local token when one exists: a cluster that enforces tokens
     is then reachable without extra flags, and one that does not ignores the header."""
-    token = local_token()
-    headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        return JobSubmissionClient(address, headers=headers)
+        return JobSubmissionClient(address, headers=auth_headers() or None)
     except AuthenticationError as exc:
         raise JobError(f"{address} refused the job client: {str(exc).splitlines()[0]} "
                        "(set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token)") from None

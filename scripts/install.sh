@@ -15,4 +15,6 @@ if ! "$PY" -c "import deepspeed" 2>/dev/null; then
     "$PY" -m pip install --quiet --no-build-isolation "deepspeed>=0.16"
 fi
 "$PY" -m pip install --quiet -e ".[test]"
+# the dashboard's browser tests drive Debian's Chromium through Playwright (never `playwright install`)
+command -v chromium >/dev/null || apt-get install -y -qq chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
 echo "moray installed: $("$PY" -c 'import ray, torch, deepspeed; print("ray", ray.__version__, "| torch", torch.__version__, "| deepspeed", deepspeed.__version__)' 2>/dev/null | tail -1)"

@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from ray import serve
+from ray.serve import metrics
 from ray.util import get_current_placement_group
 
 from actors.bundles import shard_options
@@ -36,6 +37,8 @@ class ModelServer:
                              ExpertPlacement.contiguous(cfg.n_moe_layers, cfg.moe.n_routed_experts, num_shards),
                              options, dtype, max_batch_size, use_gpu=use_gpu, elastic=elastic)
         self.cfg = cfg
+        # Serve tags it with application/deployment/replica; the admin dashboard shows its rate
+        self.generated_tokens = metrics.Counter("moray_generated_tokens", description="tokens generated")
 
     async def stream(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[int]:
         """New tokens as the batch makes them; a client that goes away frees its slot."""
@@ -44,6 +47,7 @@ class ModelServer:
             while (item := await asyncio.to_thread(tokens.get)) is not None:
                 if isinstance(item, Exception):
                     raise item
+                self.generated_tokens.inc()
                 yield item
         finally:
             if not seq.done:

@@ -21,6 +21,7 @@ def test_quickstart_trains_serves_and_answers(tmp_path):
         assert step in out
     assert f"OpenAI-compatible endpoint: http://127.0.0.1:{port}/v1" in out
     assert re.search(r"Ray dashboard: http://127\.0\.0\.1:\d+", out)
+    assert re.search(r"moray dashboard: http://127\.0\.0\.1:\d+  \(admin token: \S+\)", out)
     completion = out.split("[4/4] asking for a completion", 1)[1]
     assert "def main(" in completion and len(completion.split("def main(", 1)[1].split("OpenAI-compatible")[0].strip()) > 0
     checkpoint = re.search(r"checkpoint: (\S+)", out).group(1)
