@@ -28,6 +28,8 @@ class ElasticConfig:
     failover_retries: int = 2
     # how long a new shard may take to be scheduled and load its experts before it is an error
     start_timeout_s: float = 60.0
+    # while no replacement could be started, requests fail at once; a new try every retry_after_s
+    retry_after_s: float = 10.0
     # controller: rebalance experts when max/mean shard load over the window passes threshold
     rebalance: bool = False
     threshold: float = 1.3
@@ -55,6 +57,7 @@ def check_elastic_config(cfg: ElasticConfig, where: str = "cluster.elastic") -> 
              ("redundant_experts", cfg.redundant_experts >= 0, "must be >= 0"),
              ("failover_retries", cfg.failover_retries >= 0, "must be >= 0"),
              ("start_timeout_s", cfg.start_timeout_s > 0, "must be > 0"),
+             ("retry_after_s", cfg.retry_after_s > 0, "must be > 0"),
              ("min_shards", 1 <= cfg.min_shards <= cfg.max_shards, "must be between 1 and max_shards")]
     for key, ok, message in rules:
         if not ok:

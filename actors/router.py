@@ -71,7 +71,8 @@ class Router:
                        for i in range(placement.n_shards)]
         self.shard_nodes = self._wait_started(self.shards)
         self.generation = 0
-        self._failure: str | None = None
+        self._failure: str | None = None  # why the model is down (a failover found no replacement)
+        self._failed_at, self._failed_shards, self._failed_cause = 0.0, [], ""
         self._step_lock = threading.RLock()
         self._admin_lock = threading.Lock()  # one re-placement at a time
         self._state_lock = threading.Lock()  # shards, their nodes and the placement change together
@@ -220,7 +221,7 @@ class Router:
         re-run writes the same entries again and gives the same logits."""
         with self._step_lock:
             if self._failure:
-                raise ShardFailure(f"the sharded model is down since {self._failure}; replace the shard first")
+                self._retry_failover()
             for attempt in range(self.elastic.failover_retries + 1):
                 try:
                     logits = self._try_step(tokens, layout, caches, logits_at)
@@ -234,6 +235,17 @@ class Router:
             self.total_load += load
             self.window.add(load)
             return logits
+
+    def _retry_failover(self) -> None:
+        """While down: the same error at once, except every `retry_after_s`, when the failover is
+        tried again (resources may have come back); it raises again if it still cannot."""
+        elastic = self.elastic
+        if not elastic.failover:
+            raise ShardFailure(f"the sharded model is down since {self._failure}; replace the shard first")
+        if time.time() - self._failed_at < elastic.retry_after_s:
+            raise ShardFailure(f"the sharded model is down since {self._failure}; a replacement is tried again "
+                               f"every {elastic.retry_after_s:g} s")
+        self._fail_over(ShardFailure(self._failed_cause, self._failed_shards))
 
     def _fail_over(self, failure: ShardFailure) -> None:
         """Replace the dead shards, away from their nodes, and re-form the group; an event either way."""
@@ -250,6 +262,7 @@ class Router:
             self._form_group()
         except Exception as exc:
             self._failure = f"{failure}; no replacement: {str(exc).splitlines()[0][:300]}"
+            self._failed_at, self._failed_shards, self._failed_cause = time.time(), dead, str(failure)
             self._record("failover", started, before, False, self._failure)
             raise ShardFailure(self._failure, dead) from exc
         self._record("failover", started, before, True, f"{failure}; replaced shards {dead}")
@@ -307,9 +320,10 @@ class Router:
             except Exception as exc:
                 return self._abandon(action, started, before, new, str(exc).splitlines()[0][:300])
             with self._step_lock:
-                if self.generation != generation or self._failure:
-                    return self._abandon(action, started, before, new,
-                                         "a shard failed while the new placement loaded; nothing changed")
+                if self._failure or self.generation != generation:
+                    return self._abandon(action, started, before, new, f"the sharded model is down: {self._failure}"
+                                         if self._failure else "a shard failed while the new placement loaded; "
+                                         "nothing changed")
                 commits = [self.shards[k].commit.remote() for k in keep if k is not None]
                 ray.wait(commits, num_returns=len(commits), timeout=self.timeout_s)
                 # the kept shards hold the new stacks now: the router follows, whatever else happens

@@ -6,7 +6,8 @@ themselves move through torch.distributed, never through Ray's object store.
 Re-placement is two-phase so serving goes on while weights load: `prepare` (its own
 concurrency group, so it runs beside steps) builds the new expert stacks, reusing the experts
 the shard already holds and reading the others from the weight source; `commit` (between
-steps, in the default group like `run_step`) swaps them in and frees the old ones.
+steps, in the default group like `run_step`) swaps them in and frees the old ones. `node_id`
+and `stats` answer from a third group, so status queries never wait behind a step.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class ExpertShard:
     def leave(self) -> None:
         leave_group()
 
+    @ray.method(concurrency_group="info")
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
@@ -89,6 +91,7 @@ class ExpertShard:
             self.load[i] += counts.cpu()
         self.steps += 1
 
+    @ray.method(concurrency_group="info")
     def stats(self) -> dict:
         """Tokens each held expert has processed (since the last placement), and what the shard occupies."""
         param_bytes = sum(p.numel() * p.element_size() for s in self.experts for p in s.parameters())
@@ -107,4 +110,4 @@ class ExpertShard:
         return stats
 
 
-ExpertShardActor = ray.remote(concurrency_groups={"load": 1})(ExpertShard)
+ExpertShardActor = ray.remote(concurrency_groups={"load": 1, "info": 1})(ExpertShard)

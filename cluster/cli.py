@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -272,6 +273,12 @@ def _connect(address: str | None) -> None:
 
     from cluster.experts import ExpertsError
 
+    host, _, port = (address or "").rpartition(":")
+    if host and port.isdigit() and "://" not in address:  # Ray would retry a dead GCS address for minutes
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as exc:
+            raise ExpertsError(f"no Ray cluster at {address}: {exc.strerror or exc}") from None
     try:
         ray.init(address=address or "auto", logging_level=logging.ERROR, log_to_driver=False)
     except ConnectionError as exc:

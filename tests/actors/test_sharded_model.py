@@ -214,10 +214,12 @@ def test_generation_continues_through_scale_rebalance_and_failover(cluster, seed
 
 def test_failover_without_resources_is_a_clear_error_then_recovers(cluster, seed, tmp_path):
     """A dead shard that cannot be replaced (no free CPU anywhere) fails the step with the reason,
-    in the request and in the status, instead of hanging; once resources return it can be replaced."""
+    in the request and in the status, instead of hanging; once resources return, the next
+    request after `retry_after_s` gets a replacement and the right answer."""
     cfg, model = reference("tiny", seed)
     ckpt = save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict())
-    with ShardedModel.create(str(ckpt), num_shards=2, elastic={"start_timeout_s": 5}) as sharded:
+    elastic = {"start_timeout_s": 5, "retry_after_s": 3}
+    with ShardedModel.create(str(ckpt), num_shards=2, elastic=elastic) as sharded:
         free = int(ray.available_resources().get("CPU", 0))
         blocker = placement_group([{"CPU": 1}] * free)
         ray.get(blocker.ready(), timeout=60)
@@ -225,13 +227,17 @@ def test_failover_without_resources_is_a_clear_error_then_recovers(cluster, seed
             ray.kill(sharded.shard_handles()[1], no_restart=True)
             with pytest.raises(ray.exceptions.RayTaskError, match="no node has the resources"):
                 sharded.forward([[1, 2, 3]])
+            with pytest.raises(ray.exceptions.RayTaskError, match="tried again every 3 s"):
+                sharded.forward([[1, 2, 3]])  # at once, without waiting for another try
             status = sharded.elastic_status()
-            assert "no node has the resources" in status["failure"]
+            assert "shard 1" in status["failure"] and "no node has the resources" in status["failure"]
             assert status["events"][-1]["action"] == "failover" and not status["events"][-1]["ok"]
         finally:
             remove_placement_group(blocker)
-        sharded.replace_shard(1)
+        time.sleep(3.5)
         check_equal(sharded, model, seed)
+        assert sharded.elastic_status()["failure"] is None
+        assert [e["ok"] for e in sharded.elastic_status()["events"]] == [False, True]
 
 
 def skewed_model(cfg, seed: int, hot: list[int]):

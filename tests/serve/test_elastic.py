@@ -214,3 +214,11 @@ def test_shards_that_cannot_be_replaced_answer_503_with_the_reason():
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_cli_names_a_cluster_that_is_not_there():
+    address = f"127.0.0.1:{free_port('127.0.0.1')}"
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "cluster", "status", "--address", address],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert proc.returncode == 2 and proc.stderr.strip() == f"moray: error: no Ray cluster at {address}: Connection refused"
