@@ -69,7 +69,7 @@ def live(tmp_path_factory):
     reply = wait_for("the job API", lambda: (r := requests.post(f"{url}/api/jobs", json=job, headers=auth,
                                                                  timeout=60)).status_code != 503 and r, 90, 2)
     assert reply.status_code == 200, reply.text
-    yield {"url": url, "serve": f"http://127.0.0.1:{serve_port}", "address": cluster.address, "job": reply.json()["id"], "auth": auth,
+    yield {"url": url, "serve": f"http://127.0.0.1:{serve_port}", "address": cluster.address, "context": context, "job": reply.json()["id"], "auth": auth,
            "shots": Path(os.environ.get("MORAY_SCREENSHOTS") or root / "screenshots")}
     server.should_exit = True
     serve.shutdown()
@@ -161,6 +161,17 @@ def test_unknown_things_are_404_with_what_was_not_found(live):
     assert r.status_code == 404 and "no Serve application 'nope'" in r.json()["error"]
     r = requests.post(f"{live['url']}/api/jobs/raysubmit_nope/stop", headers=live["auth"], timeout=60)
     assert r.status_code == 404 and "no job 'raysubmit_nope'" in r.json()["error"]
+
+
+def test_protect_reads_puts_every_view_behind_the_token(live):
+    url, server = start_in_background(live["context"], port=free_port("127.0.0.1"), token=TOKEN, protect_reads=True)
+    try:
+        assert requests.get(url + "/", timeout=30).status_code == 200  # the page itself holds no data
+        for path in ("/api/overview", "/api/jobs", "/api/endpoints", "/api/experts/moray"):
+            assert requests.get(url + path, timeout=60).status_code == 401, path
+        assert requests.get(url + "/api/jobs", headers=live["auth"], timeout=60).status_code == 200
+    finally:
+        server.should_exit = True
 
 
 # ---- pages in the browser ---------------------------------------------------------------------
