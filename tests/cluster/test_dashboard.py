@@ -69,7 +69,7 @@ def live(tmp_path_factory):
     reply = wait_for("the job API", lambda: (r := requests.post(f"{url}/api/jobs", json=job, headers=auth,
                                                                  timeout=60)).status_code != 503 and r, 90, 2)
     assert reply.status_code == 200, reply.text
-    yield {"url": url, "serve": f"http://127.0.0.1:{serve_port}", "address": cluster.address, "job": reply.json()["id"], "auth": auth,
+    yield {"url": url, "serve": f"http://127.0.0.1:{serve_port}", "address": cluster.address, "context": context, "job": reply.json()["id"], "auth": auth,
            "shots": Path(os.environ.get("MORAY_SCREENSHOTS") or root / "screenshots")}
     server.should_exit = True
     serve.shutdown()
@@ -95,6 +95,12 @@ def page(live):
 def show(page, live, view: str) -> None:
     page.goto(f"{live['url']}/#{view}")
     page.wait_for_function(f"document.body.dataset.rendered === '{view}'", timeout=60_000)
+
+
+def sign_in(page) -> None:
+    """Type the admin token into the page's token field, as an operator does."""
+    page.fill("#token", TOKEN)
+    page.dispatch_event("#token", "change")
 
 
 def shoot(page, live, name: str) -> None:
@@ -157,6 +163,17 @@ def test_unknown_things_are_404_with_what_was_not_found(live):
     assert r.status_code == 404 and "no job 'raysubmit_nope'" in r.json()["error"]
 
 
+def test_protect_reads_puts_every_view_behind_the_token(live):
+    url, server = start_in_background(live["context"], port=free_port("127.0.0.1"), token=TOKEN, protect_reads=True)
+    try:
+        assert requests.get(url + "/", timeout=30).status_code == 200  # the page itself holds no data
+        for path in ("/api/overview", "/api/jobs", "/api/endpoints", "/api/experts/moray"):
+            assert requests.get(url + path, timeout=60).status_code == 401, path
+        assert requests.get(url + "/api/jobs", headers=live["auth"], timeout=60).status_code == 200
+    finally:
+        server.should_exit = True
+
+
 # ---- pages in the browser ---------------------------------------------------------------------
 
 
@@ -190,8 +207,7 @@ def test_jobs_page_follows_the_running_job_live(page, live):
 
 def test_submit_form_shows_why_a_job_was_refused(page, live):
     show(page, live, "jobs")
-    page.fill("#token", TOKEN)
-    page.dispatch_event("#token", "change")
+    sign_in(page)
     jobs_before = len(requests.get(f"{live['url']}/api/jobs", timeout=60).json()["jobs"])
     page.fill("#submit-job textarea[name=overrides]", "train.num_workers=1 train.max_stepz=5")
     page.click("#submit-job button")
@@ -211,8 +227,7 @@ def test_endpoints_page_shows_replicas_shards_traffic_and_sends_a_test_completio
     # requests/s and latency come from Serve's metrics, which reach Prometheus within seconds
     page.wait_for_function("(() => { const cells = document.querySelectorAll(\"tr[data-deployment='MoEModel'] td\");"
                            " return cells.length > 6 && cells[5].textContent.endsWith('ms'); })()", timeout=90_000)
-    page.fill("#token", TOKEN)
-    page.dispatch_event("#token", "change")
+    sign_in(page)
     page.fill("#test-completion input[name=prompt]", "def parse(")
     page.click("#test-completion button")
     page.wait_for_function("document.querySelector('#completion-out') && "
@@ -224,8 +239,7 @@ def test_endpoints_page_shows_replicas_shards_traffic_and_sends_a_test_completio
 
 def test_experts_heatmap_updates_with_requests_and_rebalance_changes_the_placement(page, live):
     show(page, live, "experts")
-    page.fill("#token", TOKEN)
-    page.dispatch_event("#token", "change")
+    sign_in(page)
     before = int(page.get_attribute("#heatmap", "data-load-total"))
     heat_before = page.eval_on_selector("#heatmap", "c => c.toDataURL()")
     for prompt in ("for i in range(", "while True:", "print("):
@@ -246,8 +260,7 @@ def test_experts_heatmap_updates_with_requests_and_rebalance_changes_the_placeme
 
 def test_scale_shards_from_the_page(page, live):
     show(page, live, "experts")
-    page.fill("#token", TOKEN)
-    page.dispatch_event("#token", "change")
+    sign_in(page)
     page.fill("#shard-count", "3")
     page.click("#scale")
     # the new shard shows up as soon as it serves; the event is written when the switch is complete
@@ -269,8 +282,7 @@ def test_overview_alerts_on_expert_imbalance(page, live):
 
 def test_stop_job_from_the_page(page, live):
     show(page, live, "jobs")
-    page.fill("#token", TOKEN)
-    page.dispatch_event("#token", "change")
+    sign_in(page)
     page.click("#stop-job")
     page.wait_for_function(f"document.querySelector(\"tr.job-row[data-job='{live['job']}']\").textContent.includes('STOPPED')",
                            timeout=120_000)
