@@ -34,7 +34,6 @@ import datetime
 import json
 import os
 import statistics
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -145,7 +144,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@dataclass
+@dataclasses.dataclass
 class Memory:
     kept_gb: float  # held from the end of forward to backward (input and output included)
     peak_gb: float  # peak over forward+backward, weight gradients excluded
