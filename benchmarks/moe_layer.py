@@ -22,6 +22,9 @@ the shared ones).
 Every case checks moray's fused expert step against an fp32 per-expert loop on the same inputs and
 routing (relative error of the output and of the input and weight gradients <= 1e-2).
 
+`--chunks` adds the layer computed in blocks of rows (`MoEConfig.expert_chunks`): its time and peak
+memory against one block. `--profile` prints the forward's kernels by GPU time.
+
 Run: python3 benchmarks/moe_layer.py --shape v2-lite v3-1gpu --tokens 4096 8192 16384 32768
 """
 
@@ -118,14 +121,14 @@ def unfused_layer(moe: MoE, impl: str):
     return run
 
 
-def check_against_fp32(moe: MoE, x: torch.Tensor, dout: torch.Tensor) -> dict[str, float]:
+def check_against_fp32(moe: MoE, x: torch.Tensor, dout: torch.Tensor, chunks: int = 1) -> dict[str, float]:
     """The fused bf16 expert step against an fp32 per-expert loop on upcast weights, for the
     same routing: relative errors of the output and of the input and weight gradients."""
     with torch.no_grad():
         dispatch = permute(route(moe.gate(x), None, moe.cfg), moe.cfg.n_routed_experts)
     xb = x.detach().requires_grad_()
     moe.experts.zero_grad(set_to_none=True)
-    out = moe.experts.combine(xb, dispatch)
+    out = moe.experts.combine(xb, dispatch, chunks=chunks)
     out.backward(dout)
     ref = copy.deepcopy(moe.experts).float()
     ref.zero_grad(set_to_none=True)
@@ -195,7 +198,8 @@ def deepspeed_layer(dim: int, cfg: MoEConfig):
     return (lambda x: layer(x)[0] + shared(x)), list(layer.parameters()) + list(shared.parameters())
 
 
-def bench_case(moe: MoE, ds, dim: int, tokens: int, skewed: bool, iters: int, seed: int) -> dict:
+def bench_case(moe: MoE, ds, dim: int, tokens: int, skewed: bool, iters: int, seed: int,
+               chunk_counts: list[int]) -> dict:
     cfg = moe.cfg
     gate_before = moe.gate.weight.detach().clone()
     x = make_tokens(tokens, dim, moe, skewed, seed).requires_grad_()
@@ -225,6 +229,15 @@ def bench_case(moe: MoE, ds, dim: int, tokens: int, skewed: bool, iters: int, se
     row["fwd_bwd_gemm_tflops"] = 3 * gemm_flop / row["fwd_bwd_s"] / 1e12
     mem = measure_memory(moray_layer(moe), x, dout, moe, M)
     row.update(mem_kept_gb=mem.kept_gb, mem_peak_gb=mem.peak_gb, mem_required_gb=mem.required_gb)
+    for chunks in chunk_counts:  # the same layer in blocks of rows (MoEConfig.expert_chunks)
+        moe.cfg.expert_chunks = chunks
+        errs = check_against_fp32(moe, x, dout, chunks)
+        chunked_mem = measure_memory(moray_layer(moe), x, dout, moe, M)
+        row[f"chunks{chunks}"] = {"fwd_s": timed(lambda: moray_layer(moe)(x), iters),
+                                  "fwd_bwd_s": timed(fwd_bwd(moray_layer(moe), x, dout, params), iters),
+                                  "mem_peak_gb": chunked_mem.peak_gb, "mem_kept_gb": chunked_mem.kept_gb,
+                                  "rel_err": max(errs.values())}
+        moe.cfg.expert_chunks = 1
     unfused_mem = measure_memory(unfused_layer(moe, "native"), x, dout, moe, M)
     row["unfused_fwd_bwd_s"] = timed(fwd_bwd(unfused_layer(moe, "native"), x, dout, params), iters)
     row.update(unfused_mem_kept_gb=unfused_mem.kept_gb, unfused_mem_peak_gb=unfused_mem.peak_gb)
@@ -249,6 +262,22 @@ def bench_case(moe: MoE, ds, dim: int, tokens: int, skewed: bool, iters: int, se
     return row
 
 
+def profile_forward(moe: MoE, x: torch.Tensor) -> None:
+    """Where the forward's GPU time goes, kernel by kernel (what the routing share is made of)."""
+    from torch.profiler import ProfilerActivity, profile
+    layer = moray_layer(moe)
+    with torch.no_grad():
+        for _ in range(3):
+            layer(x)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                layer(x)
+            torch.cuda.synchronize()
+    print(f"forward of {x.shape[0]} tokens, 5 calls:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+
+
 def fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -261,6 +290,10 @@ def main() -> None:
     parser.add_argument("--v3-experts", type=int, default=64)
     parser.add_argument("--no-deepspeed", action="store_true")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--chunks", type=int, nargs="*", default=[4, 8],
+                        help="also run the layer with MoEConfig.expert_chunks set to each of these")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the forward's kernels by GPU time for each shape at the first token count")
     parser.add_argument("--json", help="also write all rows here")
     args = parser.parse_args()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -279,10 +312,13 @@ def main() -> None:
                         **({"n_routed_experts": args.v3_experts} if shape == "v3-1gpu" else {}))
         moe = build_layer(spec["dim"], cfg, seed=1)
         ds = None if args.no_deepspeed else deepspeed_layer(spec["dim"], cfg)
+        if args.profile:
+            profile_forward(moe, make_tokens(args.tokens[0], spec["dim"], moe, False, seed=0))
         for routing in args.routing:
             for tokens in args.tokens:
                 row = {"shape": shape, "experts": cfg.n_routed_experts, "k": cfg.top_k,
-                       **bench_case(moe, ds, spec["dim"], tokens, routing == "skewed", args.iters, seed=tokens)}
+                       **bench_case(moe, ds, spec["dim"], tokens, routing == "skewed", args.iters, seed=tokens,
+                                    chunk_counts=args.chunks)}
                 results.append(row)
                 print(json.dumps(row), flush=True)
         del moe, ds
@@ -299,6 +335,15 @@ def main() -> None:
               f"{r['loop_fwd_bwd_s'] * 1e3:>8.2f} {fmt(ds and ds * 1e3, '>8.2f'):>8} "
               f"{fmt(ds and ds / r['fwd_bwd_s'], '>5.1f'):>5} {r['mem_kept_gb'] / r['mem_required_gb']:>12.2f} "
               f"{r['mem_peak_gb'] / r['mem_required_gb']:>8.2f} {max(r['rel_err_out'], r['rel_err_dx'], r['rel_err_dw']):>7.1e}")
+    if args.chunks:
+        print(f"\nin blocks of rows (MoEConfig.expert_chunks): f+b time and peak against one block")
+        print(f"{'shape':8} {'routing':7} {'tokens':>6} {'chunks':>6} {'f+b ms':>7} {'vs 1':>5} {'peak/req':>8} {'err':>7}")
+        for r in results:
+            for c in args.chunks:
+                cr = r[f"chunks{c}"]
+                print(f"{r['shape']:8} {r['routing']:7} {r['tokens']:>6} {c:>6} {cr['fwd_bwd_s'] * 1e3:>7.2f} "
+                      f"{cr['fwd_bwd_s'] / r['fwd_bwd_s']:>5.2f} {cr['mem_peak_gb'] / r['mem_required_gb']:>8.2f} "
+                      f"{cr['rel_err']:>7.1e}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": results}, f, indent=2)

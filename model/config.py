@@ -40,6 +40,10 @@ class MoEConfig:
     aux_loss_alpha: float = 0.0
     # 0 means dropless; > 0 caps each expert at ceil(cf * tokens * top_k / n_routed_experts)
     capacity_factor: float = 0.0
+    # > 1 computes the routed experts in that many blocks of sorted rows, so the transient [M, D]
+    # tensors (M = tokens * top_k) shrink by that factor: lower peak memory in training for one
+    # host sync per layer and an extra pass over the [N, D] sum per block (model/expert_ffn.py)
+    expert_chunks: int = 1
 
 
 @dataclass
@@ -136,6 +140,7 @@ def check_model_config(cfg: ModelConfig) -> None:
     if moe.group_score == "top2_sum" and moe.n_group > 1:
         _require(per_group >= 2, "moe.group_score", "top2_sum needs at least 2 experts per group")
     _require(moe.capacity_factor >= 0, "moe.capacity_factor", f"must be >= 0, got {moe.capacity_factor}")
+    _require(moe.expert_chunks >= 1, "moe.expert_chunks", f"must be >= 1, got {moe.expert_chunks}")
     _require(moe.aux_loss_alpha >= 0, "moe.aux_loss_alpha", f"must be >= 0, got {moe.aux_loss_alpha}")
     _require(moe.bias_update_rate >= 0, "moe.bias_update_rate", f"must be >= 0, got {moe.bias_update_rate}")
 

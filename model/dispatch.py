@@ -89,3 +89,20 @@ def slot_sum(rows_MD: torch.Tensor, slots_NK: torch.Tensor, weights_NK: torch.Te
     if weights_NK is None:
         return gathered.sum(1)
     return torch.bmm(weights_NK.to(rows_MD.dtype).unsqueeze(1), gathered).squeeze(1)
+
+
+def slot_sum_into(out_ND: torch.Tensor, rows_mD: torch.Tensor, row0: int, slots_NK: torch.Tensor,
+                  weights_NK: torch.Tensor | None) -> None:
+    """out += `slot_sum` restricted to the block of sorted rows [row0, row0 + m) (no autograd):
+    the chunked expert step combines each block as soon as it is computed, so the [M, D] rows of
+    every block never exist at once. `out_ND` is fp32, so the blocks add up without rounding."""
+    if rows_mD.shape[0] == 0:
+        return
+    if rows_mD.is_cuda and HAVE_TRITON:
+        gather_weighted_sum(rows_mD, slots_NK, weights_NK, out_ND, row0)
+        return
+    local = slots_NK - row0
+    hit = (local >= 0) & (local < rows_mD.shape[0])
+    scale = hit.to(out_ND.dtype) if weights_NK is None else hit * weights_NK.to(out_ND.dtype)
+    gathered = rows_mD[local.clamp(0, rows_mD.shape[0] - 1)].to(out_ND.dtype)  # [N, K, D]
+    out_ND += torch.bmm(scale.unsqueeze(1), gathered).squeeze(1)

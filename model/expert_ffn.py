@@ -11,70 +11,158 @@ combine weights' gradient from dz = dout W_down^T, which backward computes anywa
 With a `Dispatch` the function also gathers its input rows from the tokens and sums each
 token's weighted outputs (the single-process MoE layer); without it, it maps rows to rows (an
 expert shard or an expert-parallel rank, which receive their rows over the network).
+
+Transient [M, D] tensors (the gathered rows, the expert outputs before the combine, their
+gradients) still peak at several times the layer's input with top-8 routing. `chunks` > 1
+walks the sorted rows in that many blocks instead and combines each block into an fp32 sum
+as soon as it is computed, so only [M / chunks, D] exists at a time. The price: one host read
+of the expert counts per layer (to cut blocks at rows) and one more pass over the [N, D] sum
+per block.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from model.dispatch import Dispatch, slot_sum
+from model.dispatch import Dispatch, slot_sum, slot_sum_into
 from model.grouped import grouped_mm, grouped_mm_weight_grad
 from model.swiglu_kernels import swiglu, swiglu_backward
 
 
+@dataclass(frozen=True)
+class RowBlock:
+    """Sorted rows [rows.start, rows.stop) and the experts they belong to, with each of those
+    experts' row count inside the block (an expert may straddle two blocks)."""
+
+    rows: slice
+    experts: slice
+    counts: torch.Tensor | None
+
+
+def row_blocks(counts_E: torch.Tensor | None, chunks: int) -> list[RowBlock]:
+    """The sorted rows in `chunks` blocks of equal size; one block (no host sync) when chunks is 1."""
+    if chunks <= 1 or counts_E is None:
+        return [RowBlock(slice(None), slice(None), counts_E)]
+    counts = counts_E.tolist()  # the chunked step's one host sync per layer
+    total = sum(counts)
+    if total == 0:
+        return [RowBlock(slice(None), slice(None), counts_E)]
+    size = max(1, -(-total // chunks))
+    ends = torch.cumsum(counts_E, 0)
+    starts = ends - counts_E
+    host_ends, end = [], 0
+    for c in counts:
+        end += c
+        host_ends.append(end)
+    blocks = []
+    for r0 in range(0, total, size):
+        r1 = min(r0 + size, total)
+        e0 = next(e for e, end in enumerate(host_ends) if end > r0)
+        e1 = next(e for e, end in enumerate(host_ends) if end >= r1) + 1
+        inside = ends[e0:e1].clamp(r0, r1) - starts[e0:e1].clamp(r0, r1)  # on the device: no copy
+        blocks.append(RowBlock(slice(r0, r1), slice(e0, e1), inside))
+    return blocks
+
+
+def _block_rows(x: torch.Tensor, dispatch: Dispatch | None, block: RowBlock) -> torch.Tensor:
+    return x[block.rows] if dispatch is None else x[dispatch.token_index[block.rows]]
+
+
+def _slot_weight_grad(d_rows: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+    """Per-row gradients of the combine weights back in token order [N, K]."""
+    if dispatch.dropped > 0:  # slot M is a dropped copy: no gradient
+        d_rows = torch.cat([d_rows, d_rows.new_zeros(1)])
+    return d_rows[dispatch.slots].to(dispatch.slot_weights.dtype)
+
+
+def _add_weight_grad(total: torch.Tensor | None, block: RowBlock, grad: torch.Tensor) -> torch.Tensor:
+    """One block's weight gradient into the [E, ...] total; the only block's is the total."""
+    if total is None:
+        return grad
+    total[block.experts] += grad
+    return total
+
+
 class _ExpertSwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down, slot_weights, counts_E, dispatch, impl):
-        x_MD = x if dispatch is None else x[dispatch.token_index]
-        g = grouped_mm(x_MD, w_gate, counts_E, impl)
-        u = grouped_mm(x_MD, w_up, counts_E, impl)
-        del x_MD
-        y = grouped_mm(swiglu(g, u), w_down, counts_E, impl)
-        if dispatch is not None:
-            y = slot_sum(y, dispatch.slots, slot_weights, dispatch.dropped > 0)
-        ctx.save_for_backward(x, w_gate, w_up, w_down, counts_E, g, u)
-        ctx.dispatch, ctx.impl = dispatch, impl
-        return y
+    def forward(ctx, x, w_gate, w_up, w_down, slot_weights, dispatch, blocks, impl):
+        single = len(blocks) == 1
+        out = None if single else torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        projections = []
+        for b in blocks:
+            x_b = _block_rows(x, dispatch, b)
+            g = grouped_mm(x_b, w_gate[b.experts], b.counts, impl)
+            u = grouped_mm(x_b, w_up[b.experts], b.counts, impl)
+            del x_b
+            y = grouped_mm(swiglu(g, u), w_down[b.experts], b.counts, impl)
+            if dispatch is None:
+                out = y
+            elif single:
+                out = slot_sum(y, dispatch.slots, slot_weights, dispatch.dropped > 0)
+            else:
+                slot_sum_into(out, y, b.rows.start, dispatch.slots, slot_weights)
+            projections += [g, u]
+        ctx.save_for_backward(x, w_gate, w_up, w_down, *projections)
+        ctx.dispatch, ctx.blocks, ctx.impl = dispatch, blocks, impl
+        return out if single else out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        x, w_gate, w_up, w_down, counts_E, g, u = ctx.saved_tensors
-        dispatch, impl = ctx.dispatch, ctx.impl
+        x, w_gate, w_up, w_down, *projections = ctx.saved_tensors
+        dispatch, blocks, impl = ctx.dispatch, ctx.blocks, ctx.impl
+        single = len(blocks) == 1
         dout = dout.contiguous()
-        dy_MD = dout if dispatch is None else dout[dispatch.token_index]
-        dz = grouped_mm(dy_MD, w_down.transpose(-2, -1), counts_E, impl)  # d(loss)/d(h) before the combine weight
-        row_weights = None if dispatch is None else dispatch.weights.detach()
-        dg, du, h, d_rows = swiglu_backward(dz, g, u, row_weights)
-        if row_weights is not None:  # dy_MD is this function's own gather: scale it in place
-            dy_MD.mul_(row_weights[:, None].to(dy_MD.dtype))
-        dw_down = grouped_mm_weight_grad(h, dy_MD, counts_E, impl)
-        del h, dy_MD
-        x_MD = x if dispatch is None else x[dispatch.token_index]
-        dw_gate = grouped_mm_weight_grad(x_MD, dg, counts_E, impl)
-        dw_up = grouped_mm_weight_grad(x_MD, du, counts_E, impl)
-        del x_MD
+        dx = None if single or dispatch is None else torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        dw_gate = dw_up = dw_down = None
+        if not single:
+            dw_gate, dw_up, dw_down = (torch.zeros_like(w) for w in (w_gate, w_up, w_down))
+        d_rows = []
+        for i, b in enumerate(blocks):
+            g, u = projections[2 * i], projections[2 * i + 1]
+            dy_b = _block_rows(dout, dispatch, b)
+            dz = grouped_mm(dy_b, w_down[b.experts].transpose(-2, -1), b.counts, impl)  # d(loss)/d(h) before the combine weight
+            row_weights = None if dispatch is None else dispatch.weights[b.rows].detach()
+            dg, du, h, d_rows_b = swiglu_backward(dz, g, u, row_weights)
+            if row_weights is not None:  # dy_b is this function's own gather: scale it in place
+                dy_b.mul_(row_weights[:, None].to(dy_b.dtype))
+                d_rows.append(d_rows_b)
+            dw_down = _add_weight_grad(dw_down, b, grouped_mm_weight_grad(h, dy_b, b.counts, impl))
+            del h, dy_b
+            x_b = _block_rows(x, dispatch, b)
+            dw_gate = _add_weight_grad(dw_gate, b, grouped_mm_weight_grad(x_b, dg, b.counts, impl))
+            dw_up = _add_weight_grad(dw_up, b, grouped_mm_weight_grad(x_b, du, b.counts, impl))
+            del x_b
+            # reduce each [M, D] product to tokens before making the next: one [M, D] alive at a time
+            for d_proj, w in ((dg, w_gate), (du, w_up)):
+                dx_rows = grouped_mm(d_proj, w[b.experts].transpose(-2, -1), b.counts, impl)
+                if dispatch is None:
+                    dx = dx_rows if dx is None else dx.add_(dx_rows)
+                elif single:
+                    dx_b = slot_sum(dx_rows, dispatch.slots, None, dispatch.dropped > 0)
+                    dx = dx_b if dx is None else dx.add_(dx_b)
+                else:
+                    slot_sum_into(dx, dx_rows, b.rows.start, dispatch.slots, None)
+                del dx_rows
         d_slot_weights = None
-        if dispatch is None:
-            dx = grouped_mm(dg, w_gate.transpose(-2, -1), counts_E, impl)
-            dx += grouped_mm(du, w_up.transpose(-2, -1), counts_E, impl)
-        else:  # reduce each [M, D] product to tokens before making the next: one [M, D] alive at a time
-            padded = dispatch.dropped > 0
-            dx = slot_sum(grouped_mm(dg, w_gate.transpose(-2, -1), counts_E, impl), dispatch.slots, None, padded)
-            dx += slot_sum(grouped_mm(du, w_up.transpose(-2, -1), counts_E, impl), dispatch.slots, None, padded)
-            if ctx.needs_input_grad[4]:
-                d_rows = torch.cat([d_rows, d_rows.new_zeros(1)]) if padded else d_rows
-                d_slot_weights = d_rows[dispatch.slots].to(dispatch.slot_weights.dtype)
+        if dispatch is not None and ctx.needs_input_grad[4]:
+            d_slot_weights = _slot_weight_grad(torch.cat(d_rows), dispatch)
+        dx = dx if single or dispatch is None else dx.to(x.dtype)
         return dx, dw_gate, dw_up, dw_down, d_slot_weights, None, None, None
 
 
 def expert_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                  counts_E: torch.Tensor | None, dispatch: Dispatch | None = None, impl: str = "auto") -> torch.Tensor:
+                  counts_E: torch.Tensor | None, dispatch: Dispatch | None = None, impl: str = "auto",
+                  chunks: int = 1) -> torch.Tensor:
     """silu(x W_gate) * (x W_up) W_down per expert block of rows (counts_E None: one expert, all rows,
     as the dense FFN and the shared experts are).
 
     Rows to rows ([M, D] sorted by expert -> [M, D]) without a dispatch; with one, x is the
     tokens [N, D] and the result is each token's weighted sum of its rows' outputs [N, D]
-    (the gradient reaches the routing through `dispatch.slot_weights`).
+    (the gradient reaches the routing through `dispatch.slot_weights`), computed in `chunks`
+    blocks of rows (see the module docstring).
     """
     slot_weights = None if dispatch is None else dispatch.slot_weights
-    return _ExpertSwiGLU.apply(x, w_gate, w_up, w_down, slot_weights, counts_E, dispatch, impl)
+    blocks = row_blocks(counts_E, chunks if dispatch is not None else 1)
+    return _ExpertSwiGLU.apply(x, w_gate, w_up, w_down, slot_weights, dispatch, blocks, impl)

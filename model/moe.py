@@ -63,9 +63,10 @@ class RoutedExperts(nn.Module):
         """Rows of x sorted by expert, counts_E rows per expert of this stack."""
         return expert_swiglu(x_MD, self.w_gate, self.w_up, self.w_down, counts_E, impl=impl)
 
-    def combine(self, x_ND: torch.Tensor, dispatch: Dispatch, impl: str = "auto") -> torch.Tensor:
-        """Gather, experts and weighted combine in one step: each token's output [N, D]."""
-        return expert_swiglu(x_ND, self.w_gate, self.w_up, self.w_down, dispatch.counts, dispatch, impl)
+    def combine(self, x_ND: torch.Tensor, dispatch: Dispatch, impl: str = "auto", chunks: int = 1) -> torch.Tensor:
+        """Gather, experts and weighted combine in one step: each token's output [N, D] (in `chunks`
+        blocks of rows, trading a little time for peak memory: see model/expert_ffn.py)."""
+        return expert_swiglu(x_ND, self.w_gate, self.w_up, self.w_down, dispatch.counts, dispatch, impl, chunks)
 
     def reference(self, x_MD: torch.Tensor, counts_E: torch.Tensor, impl: str = "loop") -> torch.Tensor:
         """The plain autograd composition: the definition the fused step is checked against."""
@@ -117,7 +118,7 @@ class MoE(nn.Module):
         routing = self.gate_route(x_ND)
         dispatch = permute(routing, self.cfg.n_routed_experts, expert_capacity(x_ND.shape[0], self.cfg))
         if isinstance(self.experts, RoutedExperts):
-            out_ND = self.experts.combine(x_ND, dispatch)
+            out_ND = self.experts.combine(x_ND, dispatch, chunks=self.cfg.expert_chunks)
         else:  # experts elsewhere (shards, expert-parallel ranks): rows travel, then combine here
             out_ND = unpermute(self.experts(x_ND[dispatch.token_index], dispatch.counts), dispatch)
         if self.shared is not None:

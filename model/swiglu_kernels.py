@@ -56,18 +56,22 @@ def swiglu_backward(dz: torch.Tensor, g: torch.Tensor, u: torch.Tensor, row_weig
     return dg, du, h, d_w
 
 
-def gather_weighted_sum(rows_MD: torch.Tensor, slots_NK: torch.Tensor, weights_NK: torch.Tensor | None
-                        ) -> torch.Tensor:
-    """out[n] = sum_k weights[n, k] * rows[slots[n, k]] on the GPU, reading each row once; a slot
-    equal to M (a dropped copy) adds nothing. No autograd."""
+def gather_weighted_sum(rows_MD: torch.Tensor, slots_NK: torch.Tensor, weights_NK: torch.Tensor | None,
+                        out_ND: torch.Tensor | None = None, row0: int = 0) -> torch.Tensor:
+    """out[n] = sum_k weights[n, k] * rows[slots[n, k] - row0] on the GPU, reading each row once;
+    a slot outside [row0, row0 + M) (a dropped copy, or a row of another chunk) adds nothing.
+    With `out_ND` (fp32) the sum is added to it in place: the chunked expert step combines one
+    block of rows at a time. No autograd."""
     N, K = slots_NK.shape
     M, D = rows_MD.shape
     rows_MD, slots_NK = rows_MD.contiguous(), slots_NK.contiguous()
-    out = torch.empty(N, D, dtype=rows_MD.dtype, device=rows_MD.device)
+    accumulate = out_ND is not None
+    out = out_ND if accumulate else torch.empty(N, D, dtype=rows_MD.dtype, device=rows_MD.device)
     if N:
         weights = weights_NK.contiguous() if weights_NK is not None else slots_NK
-        _gather_sum_kernel[(N, triton.cdiv(D, 1024))](rows_MD, slots_NK, weights, out, M, D, K=K,
-                                                      HAS_W=weights_NK is not None, BLOCK=1024)
+        _gather_sum_kernel[(N, triton.cdiv(D, 1024))](rows_MD, slots_NK, weights, out, row0, M, D, K=K,
+                                                      HAS_W=weights_NK is not None, ACCUMULATE=accumulate,
+                                                      BLOCK=1024)
     return out
 
 
@@ -110,15 +114,23 @@ if triton is not None:
             tl.store(dw_ptr + row, tl.sum(acc, axis=0))
 
     @triton.jit
-    def _gather_sum_kernel(rows_ptr, slots_ptr, w_ptr, out_ptr, M, D, K: tl.constexpr, HAS_W: tl.constexpr,
-                           BLOCK: tl.constexpr):
+    def _gather_sum_kernel(rows_ptr, slots_ptr, w_ptr, out_ptr, row0, M, D, K: tl.constexpr, HAS_W: tl.constexpr,
+                           ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr):
         n = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < D
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        if ACCUMULATE:  # a token with no row in this block neither reads nor writes its sum
+            hits = 0
+            for k in tl.static_range(K):
+                row = tl.load(slots_ptr + n * K + k).to(tl.int64) - row0
+                hits += ((row >= 0) & (row < M)).to(tl.int32)
+            mask = mask & (hits > 0)
+            acc = tl.load(out_ptr + n * D + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
         for k in tl.static_range(K):
-            row = tl.load(slots_ptr + n * K + k).to(tl.int64)
+            row = tl.load(slots_ptr + n * K + k).to(tl.int64) - row0
             w = tl.load(w_ptr + n * K + k).to(tl.float32) if HAS_W else 1.0
-            vals = tl.load(rows_ptr + row * D + offs, mask=mask & (row < M), other=0.0).to(tl.float32)
+            vals = tl.load(rows_ptr + row * D + offs, mask=mask & (row >= 0) & (row < M), other=0.0).to(tl.float32)
             acc += w * vals
         tl.store(out_ptr + n * D + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)

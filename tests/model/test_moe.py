@@ -70,21 +70,26 @@ def test_grouped_experts_equal_per_expert_loop(impl, overrides, seed):
 
 
 @pytest.mark.parametrize("impl", ["native", "loop"])
-@pytest.mark.parametrize("with_combine", [True, False], ids=["tokens", "rows"])
-def test_fused_expert_step_equals_plain_autograd(impl, with_combine, seed):
+@pytest.mark.parametrize("with_combine,chunks,capacity", [(True, 1, None), (False, 1, None), (True, 4, None),
+                                                          (True, 5, 12)],
+                         ids=["tokens", "rows", "tokens-4-blocks", "tokens-5-blocks-capacity"])
+def test_fused_expert_step_equals_plain_autograd(impl, with_combine, chunks, capacity, seed):
     """The memory-saving autograd function (model/expert_ffn.py) gives the plain composition's
     output and every gradient: input, the three expert stacks and, through the combine weights,
-    the gate; with an idle expert and fresh random inputs."""
+    the gate; with an idle expert and fresh random inputs. In blocks of rows (experts straddling
+    two blocks) and with copies dropped by a capacity, too."""
     moe = make_moe(seed, top_k=3)
     with torch.no_grad():
         moe.gate.weight[5] = -10.0 * moe.gate.weight[5].sign()  # expert 5 gets few or no tokens
     x = torch.randn(37, 32, requires_grad=True)
     routing = route(moe.gate(x), moe.expert_bias, moe.cfg)
-    dispatch = permute(routing, 8)
+    dispatch = permute(routing, 8, capacity)
+    if capacity is not None:
+        assert dispatch.dropped > 0, "the test needs dropped copies"
     ex = moe.experts
     params = [x, ex.w_gate, ex.w_up, ex.w_down, moe.gate.weight]
     if with_combine:
-        fused = ex.combine(x, dispatch, impl=impl)
+        fused = ex.combine(x, dispatch, impl=impl, chunks=chunks)
         plain = unpermute(ex.reference(x[dispatch.token_index], dispatch.counts), dispatch)
     else:
         rows = x[dispatch.token_index]
