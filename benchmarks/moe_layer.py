@@ -13,7 +13,10 @@ For each shape, token count and routing (uniform, or skewed towards a few hot ex
   deepspeed  the stock `deepspeed.moe.layer.MoE` (dropless, top-k gating at the same k)
 and, in the same run, the card's dense bf16 matmul rate (8192^3) as the practical limit. Expert-GEMM
 TFLOP/s counts the three expert matmuls only (2*M*D*F each, M = tokens * k). The forward breakdown
-times the routing (gate + top-k + permutation), the expert GEMMs alone and the shared experts.
+times the routing (gate + top-k + permutation), the expert GEMMs alone and the shared experts,
+each launched eagerly (wall time, host launch latency included: the small routing kernels wait
+on the host when one layer runs alone) and replayed as a CUDA graph (device time alone, what
+the layer costs inside a model, where the host runs ahead).
 Memory: activation bytes kept between forward and backward, and the peak over forward+backward
 less the weight gradients, both against what the layer must hold at least (its input and output
 [N, D], and the two projections backward needs: [M, F] for the routed experts, [N, F_shared] for
@@ -58,6 +61,21 @@ HOT_EXPERTS = 4
 def timed(fn, iters: int, warmup: int = 3) -> float:
     """Median seconds of fn over iters."""
     return statistics.median(cuda_times(fn, iters, warmup))
+
+
+def graph_timed(fn, iters: int) -> float:
+    """Median seconds of fn replayed as a CUDA graph: device time alone, without the host's kernel
+    launches, which is what a layer costs inside a model, where the host runs ahead of the GPU."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return timed(graph.replay, iters)
 
 
 def dense_matmul_tflops(iters: int) -> float:
@@ -221,10 +239,18 @@ def bench_case(moe: MoE, ds, dim: int, tokens: int, skewed: bool, iters: int, se
         t_combine = timed(lambda: moe.experts.combine(x, dispatch), iters) - t_gemm
         t_shared = timed(lambda: moe.shared(x), iters) if moe.shared is not None else 0.0
         row["fwd_s"] = timed(lambda: moray_layer(moe)(x), iters)
+        # the same pieces as CUDA graphs: device time without the host's launch latency
+        g_route = graph_timed(lambda: permute(route(moe.gate(x), None, cfg), cfg.n_routed_experts), iters)
+        g_gemm = graph_timed(lambda: moe.experts(rows, counts), iters)
+        g_combine = graph_timed(lambda: moe.experts.combine(x, dispatch), iters) - g_gemm
+        row["fwd_graph_s"] = graph_timed(lambda: moray_layer(moe)(x), iters)
         del rows
+        torch.cuda.empty_cache()
     gemm_flop = 3 * 2 * M * dim * cfg.moe_inter_dim
     row.update(route_s=t_route, gemm_s=t_gemm, gather_combine_s=t_combine, shared_s=t_shared,
-               gemm_tflops=gemm_flop / t_gemm / 1e12, route_permute_combine_frac=(t_route + t_combine) / row["fwd_s"])
+               gemm_tflops=gemm_flop / t_gemm / 1e12, route_permute_combine_frac=(t_route + t_combine) / row["fwd_s"],
+               route_graph_s=g_route, gather_combine_graph_s=g_combine,
+               route_permute_combine_frac_graph=(g_route + g_combine) / row["fwd_graph_s"])
     row["fwd_bwd_s"] = timed(fwd_bwd(moray_layer(moe), x, dout, params), iters)
     row["fwd_bwd_gemm_tflops"] = 3 * gemm_flop / row["fwd_bwd_s"] / 1e12
     mem = measure_memory(moray_layer(moe), x, dout, moe, M)
@@ -325,13 +351,14 @@ def main() -> None:
         torch.cuda.empty_cache()
     print(f"\ndense bf16 matmul: {dense:.0f} TFLOP/s on {meta['gpu']}")
     print(f"{'shape':8} {'routing':7} {'tokens':>6} {'load':>5} {'fwd ms':>7} {'f+b ms':>7} {'GEMM TF':>7} {'%dense':>6} "
-          f"{'route%':>6} {'unfused f+b':>11} {'loop f+b':>8} {'DS f+b':>8} {'xDS':>5} {'mem kept/req':>12} "
+          f"{'route%':>6} {'graph':>6} {'unfused f+b':>11} {'loop f+b':>8} {'DS f+b':>8} {'xDS':>5} {'mem kept/req':>12} "
           f"{'peak/req':>8} {'err':>7}")
     for r in results:
         ds = r["ds_fwd_bwd_s"]
         print(f"{r['shape']:8} {r['routing']:7} {r['tokens']:>6} {r['max_mean_load']:>5.2f} {r['fwd_s'] * 1e3:>7.2f} "
               f"{r['fwd_bwd_s'] * 1e3:>7.2f} {r['gemm_tflops']:>7.0f} {100 * r['gemm_tflops'] / dense:>5.0f}% "
-              f"{100 * r['route_permute_combine_frac']:>5.1f}% {r['unfused_fwd_bwd_s'] * 1e3:>11.2f} "
+              f"{100 * r['route_permute_combine_frac']:>5.1f}% {100 * r['route_permute_combine_frac_graph']:>5.1f}% "
+              f"{r['unfused_fwd_bwd_s'] * 1e3:>11.2f} "
               f"{r['loop_fwd_bwd_s'] * 1e3:>8.2f} {fmt(ds and ds * 1e3, '>8.2f'):>8} "
               f"{fmt(ds and ds / r['fwd_bwd_s'], '>5.1f'):>5} {r['mem_kept_gb'] / r['mem_required_gb']:>12.2f} "
               f"{r['mem_peak_gb'] / r['mem_required_gb']:>8.2f} {max(r['rel_err_out'], r['rel_err_dx'], r['rel_err_dw']):>7.1e}")

@@ -42,6 +42,14 @@ def expert_counts(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
     return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
+def _narrow_sort_key(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Expert ids in the narrowest integer type that holds them: a GPU radix sort makes one pass
+    per key byte, so 64 routed experts sort in one pass instead of eight."""
+    if n_experts <= 256:
+        return expert_ids.to(torch.uint8)
+    return expert_ids.to(torch.int16) if n_experts <= 32768 else expert_ids
+
+
 def permute(routing: Routing, n_experts: int, capacity: int | None = None) -> Dispatch:
     """Sort (token, expert) pairs by expert, keeping token order within each expert.
 
@@ -50,7 +58,7 @@ def permute(routing: Routing, n_experts: int, capacity: int | None = None) -> Di
     """
     N, K = routing.experts.shape
     flat_experts = routing.experts.reshape(-1)
-    order = torch.argsort(flat_experts, stable=True)
+    order = torch.argsort(_narrow_sort_key(flat_experts, n_experts), stable=True)
     counts = expert_counts(flat_experts, n_experts)
     positions = torch.arange(order.numel(), device=order.device)
     row_of_pair = torch.empty_like(order).index_copy_(0, order, positions)

@@ -14,10 +14,11 @@ expert shard or an expert-parallel rank, which receive their rows over the netwo
 
 Transient [M, D] tensors (the gathered rows, the expert outputs before the combine, their
 gradients) still peak at several times the layer's input with top-8 routing. `chunks` > 1
-walks the sorted rows in that many blocks instead and combines each block into an fp32 sum
-as soon as it is computed, so only [M / chunks, D] exists at a time. The price: one host read
-of the expert counts per layer (to cut blocks at rows) and one more pass over the [N, D] sum
-per block.
+walks the sorted rows in that many blocks of whole experts instead and combines each block
+into an fp32 sum as soon as it is computed, so only about [M / chunks, D] exists at a time. The
+price: one host read of the expert counts per layer (to cut the blocks), a read-modify-write of
+the [N, D] sum per block, and each block's weight gradients [~E / chunks, D, F] made apart and
+then copied into place.
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ from model.swiglu_kernels import swiglu, swiglu_backward
 
 @dataclass(frozen=True)
 class RowBlock:
-    """Sorted rows [rows.start, rows.stop) and the experts they belong to, with each of those
-    experts' row count inside the block (an expert may straddle two blocks)."""
+    """Sorted rows [rows.start, rows.stop): every row of the experts in `experts`, `counts` each."""
 
     rows: slice
     experts: slice
@@ -42,27 +42,19 @@ class RowBlock:
 
 
 def row_blocks(counts_E: torch.Tensor | None, chunks: int) -> list[RowBlock]:
-    """The sorted rows in `chunks` blocks of equal size; one block (no host sync) when chunks is 1."""
+    """Consecutive experts grouped into about `chunks` blocks of about equal rows (a hot expert
+    may make a larger one); one block, with no host sync, when chunks is 1. Blocks end at expert
+    boundaries so each expert's weight gradient comes from exactly one block."""
     if chunks <= 1 or counts_E is None:
         return [RowBlock(slice(None), slice(None), counts_E)]
     counts = counts_E.tolist()  # the chunked step's one host sync per layer
-    total = sum(counts)
-    if total == 0:
-        return [RowBlock(slice(None), slice(None), counts_E)]
-    size = max(1, -(-total // chunks))
-    ends = torch.cumsum(counts_E, 0)
-    starts = ends - counts_E
-    host_ends, end = [], 0
-    for c in counts:
-        end += c
-        host_ends.append(end)
-    blocks = []
-    for r0 in range(0, total, size):
-        r1 = min(r0 + size, total)
-        e0 = next(e for e, end in enumerate(host_ends) if end > r0)
-        e1 = next(e for e, end in enumerate(host_ends) if end >= r1) + 1
-        inside = ends[e0:e1].clamp(r0, r1) - starts[e0:e1].clamp(r0, r1)  # on the device: no copy
-        blocks.append(RowBlock(slice(r0, r1), slice(e0, e1), inside))
+    target = max(1, -(-sum(counts) // chunks))
+    blocks, e0, r0, r1 = [], 0, 0, 0
+    for e, c in enumerate(counts):
+        r1 += c
+        if r1 - r0 >= target or e == len(counts) - 1:
+            blocks.append(RowBlock(slice(r0, r1), slice(e0, e + 1), counts_E[e0:e + 1]))
+            e0, r0 = e + 1, r1
     return blocks
 
 
@@ -77,11 +69,11 @@ def _slot_weight_grad(d_rows: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
     return d_rows[dispatch.slots].to(dispatch.slot_weights.dtype)
 
 
-def _add_weight_grad(total: torch.Tensor | None, block: RowBlock, grad: torch.Tensor) -> torch.Tensor:
-    """One block's weight gradient into the [E, ...] total; the only block's is the total."""
+def _put_weight_grad(total: torch.Tensor | None, block: RowBlock, grad: torch.Tensor) -> torch.Tensor:
+    """One block's experts' weight gradients into the [E, ...] total; the only block's is the total."""
     if total is None:
         return grad
-    total[block.experts] += grad
+    total[block.experts] = grad
     return total
 
 
@@ -117,7 +109,7 @@ class _ExpertSwiGLU(torch.autograd.Function):
         dx = None if single or dispatch is None else torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         dw_gate = dw_up = dw_down = None
         if not single:
-            dw_gate, dw_up, dw_down = (torch.zeros_like(w) for w in (w_gate, w_up, w_down))
+            dw_gate, dw_up, dw_down = (torch.empty_like(w) for w in (w_gate, w_up, w_down))  # blocks cover every expert
         d_rows = []
         for i, b in enumerate(blocks):
             g, u = projections[2 * i], projections[2 * i + 1]
@@ -128,11 +120,11 @@ class _ExpertSwiGLU(torch.autograd.Function):
             if row_weights is not None:  # dy_b is this function's own gather: scale it in place
                 dy_b.mul_(row_weights[:, None].to(dy_b.dtype))
                 d_rows.append(d_rows_b)
-            dw_down = _add_weight_grad(dw_down, b, grouped_mm_weight_grad(h, dy_b, b.counts, impl))
+            dw_down = _put_weight_grad(dw_down, b, grouped_mm_weight_grad(h, dy_b, b.counts, impl))
             del h, dy_b
             x_b = _block_rows(x, dispatch, b)
-            dw_gate = _add_weight_grad(dw_gate, b, grouped_mm_weight_grad(x_b, dg, b.counts, impl))
-            dw_up = _add_weight_grad(dw_up, b, grouped_mm_weight_grad(x_b, du, b.counts, impl))
+            dw_gate = _put_weight_grad(dw_gate, b, grouped_mm_weight_grad(x_b, dg, b.counts, impl))
+            dw_up = _put_weight_grad(dw_up, b, grouped_mm_weight_grad(x_b, du, b.counts, impl))
             del x_b
             # reduce each [M, D] product to tokens before making the next: one [M, D] alive at a time
             for d_proj, w in ((dg, w_gate), (du, w_up)):

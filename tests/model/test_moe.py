@@ -71,13 +71,13 @@ def test_grouped_experts_equal_per_expert_loop(impl, overrides, seed):
 
 @pytest.mark.parametrize("impl", ["native", "loop"])
 @pytest.mark.parametrize("with_combine,chunks,capacity", [(True, 1, None), (False, 1, None), (True, 4, None),
-                                                          (True, 5, 12)],
-                         ids=["tokens", "rows", "tokens-4-blocks", "tokens-5-blocks-capacity"])
+                                                          (True, 20, 12)],
+                         ids=["tokens", "rows", "tokens-4-blocks", "tokens-1-expert-blocks-capacity"])
 def test_fused_expert_step_equals_plain_autograd(impl, with_combine, chunks, capacity, seed):
     """The memory-saving autograd function (model/expert_ffn.py) gives the plain composition's
     output and every gradient: input, the three expert stacks and, through the combine weights,
-    the gate; with an idle expert and fresh random inputs. In blocks of rows (experts straddling
-    two blocks) and with copies dropped by a capacity, too."""
+    the gate; with an idle expert and fresh random inputs. In blocks of whole experts (down to one
+    expert a block, the idle one included) and with copies dropped by a capacity, too."""
     moe = make_moe(seed, top_k=3)
     with torch.no_grad():
         moe.gate.weight[5] = -10.0 * moe.gate.weight[5].sign()  # expert 5 gets few or no tokens
