@@ -230,10 +230,13 @@ def _source_major_to_expert_major(counts_PE: torch.Tensor, total: int) -> torch.
     return torch.arange(total, device=counts_PE.device) + shift
 
 
-def parallelize_experts(model: Transformer, ep_size: int, ep_rank: int) -> None:
-    """Give every MoE (main stack and MTP) this rank's slice of its experts."""
+def parallelize_experts(model: nn.Module, ep_size: int, ep_rank: int, group=None) -> None:
+    """Give every MoE (main stack and MTP) this rank's slice of its experts. The ep group is
+    DeepSpeed's to set when its engine wraps the model; without DeepSpeed, pass it here."""
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
         moe.experts = ExpertParallelExperts(moe.experts, ep_size, ep_rank)
+        if group is not None:
+            moe.experts.deepspeed_moe._set_ep_group(group)
 
 
 def gather_expert_stacks(model: Transformer) -> dict[str, torch.Tensor]:
