@@ -2,7 +2,9 @@
 the rows travel to the shards that hold their experts and the results come back.
 
 Swapping this module into a plain `Transformer` makes the router: attention, gates, shared
-experts and the head run locally, unchanged; only the expert products move. An expert held by
+experts and the head run locally, unchanged; only the expert products move. It is a
+`RemoteRoutedExperts` (model/moe.py): the MoE layer computes its shared experts between
+`start` and `finish`, while the shards compute. An expert held by
 several shards (a replica) has its rows split into equal consecutive parts, one per copy, so
 every row is computed exactly once by an identical copy of the weights.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from actors.transport import router_dispatch
+from actors.transport import AtTheShards, router_collect, router_dispatch
 
 
 class RemoteExperts(nn.Module):
@@ -31,6 +33,7 @@ class RemoteExperts(nn.Module):
         self.register_buffer("replicas", replicas[self.send_order], persistent=False)
         self.register_buffer("copy_index", torch.tensor(copy_index, dtype=torch.long), persistent=False)
         self.contiguous = bool(torch.equal(self.send_order, torch.arange(n_experts)))
+        self.experts_per_shard = [len(s) for s in shard_experts]
 
     def _copy_counts(self, counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows per expert copy in send order, and where each copy's rows start in the input."""
@@ -41,14 +44,19 @@ class RemoteExperts(nn.Module):
         starts = torch.cumsum(counts_E, 0) - counts_E
         return send_counts, starts[self.send_order] + offset
 
-    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-        """Rows sorted by global expert id (counts_E each) -> expert outputs in the same order."""
+    def start(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> tuple[AtTheShards, torch.Tensor | None]:
+        """Rows sorted by global expert id (counts_E each) go to the shards; returns at once."""
         if self.contiguous:
-            return router_dispatch(x_MD, counts_E, [len(s) for s in self.shard_experts])
+            return router_dispatch(x_MD, counts_E, self.experts_per_shard), None
         send_counts, src_starts = self._copy_counts(counts_E)
         # move each copy's block of rows to its place in send order (a gather, no one-hot)
         send_starts = torch.cumsum(send_counts, 0) - send_counts
-        shift = torch.repeat_interleave(src_starts - send_starts, send_counts)
+        shift = torch.repeat_interleave(src_starts - send_starts, send_counts, output_size=x_MD.shape[0])
         index = torch.arange(x_MD.shape[0], device=x_MD.device) + shift
-        out = router_dispatch(x_MD[index], send_counts, [len(s) for s in self.shard_experts])
-        return torch.empty_like(out).index_copy_(0, index, out)
+        return router_dispatch(x_MD[index], send_counts, self.experts_per_shard), index
+
+    def finish(self, sent: tuple[AtTheShards, torch.Tensor | None]) -> torch.Tensor:
+        """The expert outputs, in the order of the rows `start` took."""
+        at_shards, index = sent
+        out = router_collect(at_shards)
+        return out if index is None else torch.empty_like(out).index_copy_(0, index, out)

@@ -8,7 +8,9 @@ error instead of a hang.
 
 Per MoE layer the router sends each shard its per-expert row counts, then the rows, and gets
 the results back in the same order: three `all_to_all_single` calls with uneven splits in
-which only the router<->shard pairs carry data.
+which only the router<->shard pairs carry data. The last two run asynchronously on the router
+(`router_dispatch` starts them, `router_collect` waits), so its shared experts compute while
+the shards work.
 """
 
 from __future__ import annotations
@@ -70,10 +72,20 @@ def _exchange(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_sp
     return out
 
 
-def router_dispatch(rows_MD: torch.Tensor, send_counts: torch.Tensor, experts_per_shard: list[int]) -> torch.Tensor:
+@dataclass(frozen=True)
+class AtTheShards:
+    """One MoE layer's rows sent to the shards (`router_dispatch`); `router_collect` waits for
+    their results, so the router computes (the shared experts) while the shards do."""
+
+    works: tuple  # the rows going out, the results coming back (async collectives, in issue order)
+    out: torch.Tensor  # where the results land
+
+
+def router_dispatch(rows_MD: torch.Tensor, send_counts: torch.Tensor, experts_per_shard: list[int]) -> AtTheShards:
     """Router side of one MoE layer. rows_MD is grouped by shard, then by local expert;
     send_counts [sum(experts_per_shard)] gives rows per expert in that order. Shard s gets its
-    experts' counts and rows; returns their outputs for the same rows, in the same order."""
+    experts' counts (this exchange completes here) and rows; the rows' send and the results'
+    receive are left running."""
     world = len(experts_per_shard) + 1
     counts = send_counts.to(torch.long)
     host = counts.tolist()  # the one device sync: split sizes must be known on the host
@@ -83,8 +95,17 @@ def router_dispatch(rows_MD: torch.Tensor, send_counts: torch.Tensor, experts_pe
     rows_per_shard = [0] + [sum(host[bounds[s]:bounds[s + 1]]) for s in range(len(experts_per_shard))]
     _exchange(counts.new_empty(0), counts, [0] * world, [0] + list(experts_per_shard))
     empty = rows_MD.new_empty(0, rows_MD.shape[1])
-    _exchange(empty, rows_MD.contiguous(), [0] * world, rows_per_shard)
-    return _exchange(torch.empty_like(rows_MD), empty, rows_per_shard, [0] * world)
+    out = torch.empty_like(rows_MD)
+    sending = dist.all_to_all_single(empty, rows_MD.contiguous(), [0] * world, rows_per_shard, async_op=True)
+    receiving = dist.all_to_all_single(out, empty, rows_per_shard, [0] * world, async_op=True)
+    return AtTheShards((sending, receiving), out)
+
+
+def router_collect(sent: AtTheShards) -> torch.Tensor:
+    """The shards' outputs for the rows `router_dispatch` sent, in the same order."""
+    for work in sent.works:
+        work.wait()
+    return sent.out
 
 
 def shard_serve_layer(n_local: int, dim: int, dtype: torch.dtype, device: torch.device, compute) -> torch.Tensor:

@@ -5,7 +5,7 @@ size (tokens per step x top_k rows of `dim` bf16 values, as the chosen preset ro
 
 - raw:   two `dist.all_to_all_single` calls with the splits known in advance (rows to the
          peer, rows back): the NCCL limit for these bytes;
-- moray: `router_dispatch` / `shard_serve_layer`, the exact functions the router and the
+- moray: `router_dispatch` + `router_collect` / `shard_serve_layer`, the exact functions the router and the
          expert shards run per MoE layer: per-expert counts exchange, rows out, rows back
          (the shard's expert computation replaced by the identity so only transport is timed).
 
@@ -28,7 +28,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from actors.transport import Rendezvous, join_group, router_dispatch, shard_serve_layer  # noqa: E402
+from actors.transport import Rendezvous, join_group, router_collect, router_dispatch, shard_serve_layer  # noqa: E402
 from cluster.config import load_config  # noqa: E402
 from timing import cuda_times  # noqa: E402  (benchmarks/timing.py)
 
@@ -70,7 +70,7 @@ class Peer:
             counts[0] += rows - int(counts.sum())
 
             def step():
-                router_dispatch(x, counts, [n_experts])
+                router_collect(router_dispatch(x, counts, [n_experts]))
         else:
             def step():
                 shard_serve_layer(n_experts, dim, torch.bfloat16, self.device, lambda r, c: r)

@@ -7,8 +7,12 @@ permutation, `train/expert_parallel.py`'s all-to-all dispatch, this rank's half 
 as fused grouped GEMMs, combine, shared experts). Timed in the same run:
 
   one device  rank 0 alone with every expert local, same tokens (rank 1 waits)
-  two devices both ranks, experts split: throughput ratio = 2 x (one-device time) / (two-device time)
-  moray comm  `ep_dispatch` + `ep_combine` with the expert computation replaced by the identity,
+  two devices both ranks, experts split: throughput ratio = 2 x (one-device time) / (two-device time);
+              the shared experts compute while the rows (and in backward their gradients) travel
+  no overlap  the same two-device layer with each exchange waited for at once (`ExchangeFirst`): the
+              shared experts wait for the network, as before the overlap; overlap gain = its time
+              / the two-device time
+  moray comm  `ep_dispatch_start/finish` + `ep_combine` with the expert computation replaced by the identity,
               forward and backward (counts exchange, host split sizes, rows out and back, both ways)
   raw comm    the same four `all_to_all_single` calls with the splits known in advance
 
@@ -35,17 +39,33 @@ os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 import ray  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
 
 from actors.transport import Rendezvous, join_group  # noqa: E402
 from model.config import MoEConfig  # noqa: E402
 from model.moe import MoE  # noqa: E402
 from timing import cuda_times  # noqa: E402  (benchmarks/timing.py)
-from train.expert_parallel import ExpertParallelExperts, ep_combine, ep_dispatch  # noqa: E402
+from train.expert_parallel import (ExpertParallelExperts, ep_combine, ep_dispatch_finish,  # noqa: E402
+                                   ep_dispatch_start, parallelize_experts)
 
 SHAPES = {
     "v2-lite": (2048, dict(n_routed_experts=64, moe_inter_dim=1408, n_shared_experts=2, top_k=6)),
     "tiny": (64, dict(n_routed_experts=8, moe_inter_dim=32, n_shared_experts=1, top_k=2)),
 }
+
+
+class ExchangeFirst(nn.Module):
+    """The baseline without overlap: the same experts, the exchange completed inside `start`."""
+
+    def __init__(self, experts: ExpertParallelExperts):
+        super().__init__()
+        self.inner = experts
+
+    def start(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        return self.inner.finish(self.inner.start(x_MD, counts_E))
+
+    def finish(self, y_MD: torch.Tensor) -> torch.Tensor:
+        return y_MD
 
 
 class Rank:
@@ -73,10 +93,14 @@ class Rank:
         for p in full.parameters():
             p.data.normal_(0, dim**-0.5)
         self.full = full.to(self.device, self.dtype)
-        self.ep = copy.deepcopy(self.full)
-        self.ep.experts = ExpertParallelExperts(self.ep.experts, 2, self.rank)
-        self.ep.experts.deepspeed_moe._set_ep_group(dist.group.WORLD)
+        self.ep, self.serial = self._expert_parallel(), self._expert_parallel()
+        self.serial.experts = ExchangeFirst(self.serial.experts)
         self.dim, self.cfg = dim, cfg
+
+    def _expert_parallel(self) -> MoE:
+        layer = copy.deepcopy(self.full)
+        parallelize_experts(layer, 2, self.rank, dist.group.WORLD)
+        return layer
 
     def _tokens(self, n: int, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed * 2 + self.rank)
@@ -104,13 +128,15 @@ class Rank:
             return go
 
         with torch.no_grad():
-            expected, ours = self.full(x[None])[0], self.ep(x[None])[0]
-        err = float((ours.float() - expected.float()).norm() / expected.float().norm())
+            expected = self.full(x[None])[0].float()
+            err = max(float((layer(x[None])[0].float() - expected).norm() / expected.norm())
+                      for layer in (self.ep, self.serial))
         one = self._timed(step(self.full), iters) if self.rank == 0 else None
         if self.rank == 1:  # meet rank 0's barriers while it times the one-device layer
             for _ in range(iters):
                 self.barrier()
         two = self._timed(step(self.ep), iters)
+        serial = self._timed(step(self.serial), iters)
 
         # communication alone: the layer's rows, with the expert computation as the identity
         M = tokens * self.cfg.top_k
@@ -120,8 +146,8 @@ class Rank:
         group = dist.group.WORLD
 
         def moray_comm():
-            sent, exchange = ep_dispatch(rows, counts, 2, group)
-            ep_combine(sent, exchange, group).backward(rows.detach())
+            sent = ep_dispatch_start(rows, counts, 2, group)
+            ep_combine(ep_dispatch_finish(sent), sent.exchange, group).backward(rows.detach())
 
         in_splits = counts.view(2, -1).sum(1).tolist()
         peer_splits = [torch.zeros(2, dtype=torch.long, device=self.device) for _ in range(2)]
@@ -135,7 +161,7 @@ class Rank:
                 dist.all_to_all_single(recv, rows.detach(), out_splits, in_splits)
                 dist.all_to_all_single(back, recv, in_splits, out_splits)
 
-        return {"rank": self.rank, "rel_err": err, "one_s": one, "two_s": two,
+        return {"rank": self.rank, "rel_err": err, "one_s": one, "two_s": two, "serial_s": serial,
                 "moray_comm_s": self._timed(moray_comm, iters), "raw_comm_s": self._timed(raw_comm, iters),
                 "bytes_per_direction": M * self.dim * x.element_size()}
 
@@ -161,10 +187,12 @@ def main() -> None:
         row = {"tokens_per_device": tokens, "one_device_ms": r0["one_s"] * 1e3,
                "two_devices_ms": max(r0["two_s"], r1["two_s"]) * 1e3,
                "throughput_ratio": 2 * r0["one_s"] / max(r0["two_s"], r1["two_s"]),
+               "no_overlap_ms": max(r0["serial_s"], r1["serial_s"]) * 1e3,
                "moray_comm_ms": max(r0["moray_comm_s"], r1["moray_comm_s"]) * 1e3,
                "raw_comm_ms": max(r0["raw_comm_s"], r1["raw_comm_s"]) * 1e3,
                "rel_err": max(r0["rel_err"], r1["rel_err"]), "mb_per_direction": r0["bytes_per_direction"] / 1e6}
         row["comm_raw_over_moray"] = row["raw_comm_ms"] / row["moray_comm_ms"]
+        row["overlap_gain"] = row["no_overlap_ms"] / row["two_devices_ms"]
         rows.append(row)
         print(json.dumps(row), flush=True)
         if row["rel_err"] > tol:
@@ -173,12 +201,13 @@ def main() -> None:
             "device": "cpu (gloo)" if args.cpu else ray.get(ranks[0].__ray_call__.remote(
                 lambda self: torch.cuda.get_device_name(0)))}
     print(json.dumps(meta))
-    print(f"{'tokens/dev':>10} {'1 dev ms':>9} {'2 dev ms':>9} {'x thru':>6} {'moray comm':>10} {'raw comm':>9} "
-          f"{'raw/moray':>9} {'err':>8}")
+    print(f"{'tokens/dev':>10} {'1 dev ms':>9} {'2 dev ms':>9} {'x thru':>6} {'no ovl ms':>9} {'ovl gain':>8} "
+          f"{'moray comm':>10} {'raw comm':>9} {'raw/moray':>9} {'err':>8}")
     for r in rows:
         print(f"{r['tokens_per_device']:>10} {r['one_device_ms']:>9.2f} {r['two_devices_ms']:>9.2f} "
-              f"{r['throughput_ratio']:>6.2f} {r['moray_comm_ms']:>10.2f} {r['raw_comm_ms']:>9.2f} "
-              f"{r['comm_raw_over_moray']:>9.2f} {r['rel_err']:>8.1e}")
+              f"{r['throughput_ratio']:>6.2f} {r['no_overlap_ms']:>9.2f} {r['overlap_gain']:>8.2f} "
+              f"{r['moray_comm_ms']:>10.2f} {r['raw_comm_ms']:>9.2f} {r['comm_raw_over_moray']:>9.2f} "
+              f"{r['rel_err']:>8.1e}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)

@@ -5,11 +5,18 @@ them: `route` (gate scores -> top-k experts and weights), `permute` (sort token 
 expert, returning a frozen `Dispatch`), `RoutedExperts` (grouped matmuls over sorted rows) and
 `unpermute` (each token's weighted sum of its rows). Permutation is a sort + gather, never a
 dense [tokens, experts] one-hot.
+
+Experts held elsewhere (expert-parallel ranks in training, expert shards in serving) replace
+`RoutedExperts` with an object of the two-step `RemoteRoutedExperts` protocol: `start` sends the
+sorted rows on their way and returns at once, the layer computes its shared experts while they
+travel, and `finish` waits for the experts' outputs. Ranks and networks stay outside this file.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,6 +81,21 @@ class RoutedExperts(nn.Module):
         return grouped_mm(h, self.w_down, counts_E, impl)
 
 
+class RemoteRoutedExperts(Protocol):
+    """Routed experts that live elsewhere: the rows go out in `start`, come back in `finish`.
+
+    Whatever the layer computes between the two (its shared experts) overlaps the exchange;
+    an implementation with autograd makes its backward overlap the same way (the gradient
+    exchange starts in the backward of `finish`'s step and is waited for in `start`'s).
+    """
+
+    def start(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> Any:
+        """Rows sorted by global expert id (counts_E each): send them; returns what `finish` needs."""
+
+    def finish(self, in_flight: Any) -> torch.Tensor:
+        """The experts' outputs [M, D] for the rows `start` sent, in the same order."""
+
+
 def sequence_balance_loss(routing: Routing, batch: int, cfg: MoEConfig) -> torch.Tensor:
     """DeepSeek-V3's sequence-wise auxiliary loss: alpha * sum_i f_i * P_i per sequence, averaged."""
     E, K = cfg.n_routed_experts, cfg.top_k
@@ -95,7 +117,7 @@ class MoE(nn.Module):
         self.gate = nn.Linear(dim, cfg.n_routed_experts, bias=False)
         # selection bias of auxiliary-loss-free balancing: state, not a trained parameter
         self.register_buffer("expert_bias", torch.zeros(cfg.n_routed_experts))
-        self.experts = RoutedExperts(cfg.n_routed_experts, dim, cfg.moe_inter_dim)
+        self.experts: RoutedExperts | RemoteRoutedExperts = RoutedExperts(cfg.n_routed_experts, dim, cfg.moe_inter_dim)
         self.shared = SwiGLU(dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
         # tokens per expert in the last forward, and accumulated since the last bias update
         self.register_buffer("last_load", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
@@ -119,10 +141,13 @@ class MoE(nn.Module):
         dispatch = permute(routing, self.cfg.n_routed_experts, expert_capacity(x_ND.shape[0], self.cfg))
         if isinstance(self.experts, RoutedExperts):
             out_ND = self.experts.combine(x_ND, dispatch, chunks=self.cfg.expert_chunks)
-        else:  # experts elsewhere (shards, expert-parallel ranks): rows travel, then combine here
-            out_ND = unpermute(self.experts(x_ND[dispatch.token_index], dispatch.counts), dispatch)
-        if self.shared is not None:
-            out_ND = out_ND + self.shared(x_ND)
+            shared_ND = self.shared(x_ND) if self.shared is not None else None
+        else:  # experts elsewhere: the shared experts compute here while the rows travel
+            in_flight = self.experts.start(x_ND[dispatch.token_index], dispatch.counts)
+            shared_ND = self.shared(x_ND) if self.shared is not None else None
+            out_ND = unpermute(self.experts.finish(in_flight), dispatch)
+        if shared_ND is not None:
+            out_ND = out_ND + shared_ND
         aux = None
         if self.training and self.cfg.aux_loss_alpha > 0 and valid is None:
             aux = sequence_balance_loss(routing, B, self.cfg)

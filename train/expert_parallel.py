@@ -2,9 +2,18 @@
 
 `parallelize_experts(model, ep_size)` swaps every MoE layer's `RoutedExperts` for an
 `ExpertParallelExperts` that holds this rank's slice of the experts and exchanges token rows
-with the other ranks of its expert-parallel group by all-to-all (an autograd function whose
-backward is the reverse all-to-all). Gate, bias balancing, shared experts and the dropless
-grouped computation stay moray's (model/moe.py); only where the expert weights live changes.
+with the other ranks of its expert-parallel group by all-to-all. Gate, bias balancing, shared
+experts and the dropless grouped computation stay moray's (model/moe.py); only where the expert
+weights live changes.
+
+The exchange is a pair of autograd functions around one asynchronous `all_to_all_single`:
+`send_rows` starts it, `receive_rows` waits for it, and the MoE layer computes its shared
+experts in between (`start` / `finish` of model/moe.py's `RemoteRoutedExperts`). Backward
+mirrors it: `receive_rows`' backward starts the reverse exchange of the gradient and
+`send_rows`' backward waits for it. Autograd runs ready nodes latest-created first, so the
+shared experts' backward (created between the two in forward) runs while the gradient
+travels; any other order is only slower, never wrong, since the wait sits in the node that
+produces the gradient.
 
 The module is a `deepspeed.moe.layer.MoE` in DeepSpeed's eyes, with its parameters in
 DeepSpeed's per-expert layout (`deepspeed_moe.experts.deepspeed_experts.<i>.*`, tagged
@@ -26,26 +35,79 @@ from model.moe import MoE, RoutedExperts
 from model.transformer import Transformer
 
 
-class _AllToAll(torch.autograd.Function):
-    """all_to_all_single with uneven splits; the gradient travels the reverse way."""
+class _Work:
+    """The all-to-all on its way between a `_SendRows` and its `_ReceiveRows`: in forward the
+    rows going out, in backward their gradients coming back."""
+
+    __slots__ = ("handle", "out")
+
+    def launch(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+        self.out = x.new_empty(sum(out_splits), *x.shape[1:])
+        self.handle = dist.all_to_all_single(self.out, x.contiguous(), out_splits, in_splits, group=group,
+                                             async_op=True)
+        return self.out
+
+    def wait(self) -> torch.Tensor:
+        self.handle.wait()
+        out, self.handle, self.out = self.out, None, None  # nothing outlives its use
+        return out
+
+
+class _SendRows(torch.autograd.Function):
+    """Starts all_to_all_single (uneven splits) and returns the buffer it is filling; only
+    `_ReceiveRows` may read it. Backward waits for the gradient exchange `_ReceiveRows`' backward
+    started: autograd runs whatever does not depend on the exchange in between."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x.new_empty(sum(out_splits), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
+    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, work: _Work):
+        ctx.work = work
+        return work.launch(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, _passed_through: torch.Tensor):
+        return ctx.work.wait(), None, None, None, None
+
+
+class _ReceiveRows(torch.autograd.Function):
+    """Waits for `_SendRows`' exchange; backward starts the reverse exchange of the gradient and
+    returns at once (the incoming gradient passes through to `_SendRows`, which ignores it)."""
+
+    @staticmethod
+    def forward(ctx, buffer: torch.Tensor, out_splits: list[int], in_splits: list[int], group, work: _Work):
+        ctx.splits, ctx.group, ctx.work = (out_splits, in_splits), group, work
+        return work.wait()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         out_splits, in_splits = ctx.splits
-        back = grad.new_empty(sum(in_splits), *grad.shape[1:])
-        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return back, None, None, None
+        ctx.work.launch(grad, in_splits, out_splits, ctx.group)
+        return grad, None, None, None, None
+
+
+@dataclass(frozen=True)
+class RowsInFlight:
+    """An all-to-all started by `send_rows`; `receive_rows` gives its result."""
+
+    buffer: torch.Tensor  # filled by the exchange; read it only through receive_rows
+    out_splits: list[int]
+    in_splits: list[int]
+    group: object
+    work: _Work
+
+
+def send_rows(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> RowsInFlight:
+    """Start exchanging rows with uneven splits (in_splits[p] rows to rank p, out_splits[p] from it)."""
+    work = _Work()
+    return RowsInFlight(_SendRows.apply(x, out_splits, in_splits, group, work), out_splits, in_splits, group, work)
+
+
+def receive_rows(sent: RowsInFlight) -> torch.Tensor:
+    return _ReceiveRows.apply(sent.buffer, sent.out_splits, sent.in_splits, sent.group, sent.work)
 
 
 def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    return _AllToAll.apply(x, out_splits, in_splits, group)
+    """The exchange with nothing to overlap: the gradient travels the reverse way."""
+    return receive_rows(send_rows(x, out_splits, in_splits, group))
 
 
 class _Expert(nn.Module):
@@ -73,7 +135,8 @@ class _ExpertHolder(nn.Module):
 
 
 class ExpertParallelExperts(DeepSpeedMoE):
-    """Stands in for `RoutedExperts`: same call, the experts spread over the ep group."""
+    """Stands in for `RoutedExperts` (as model/moe.py's `RemoteRoutedExperts`): the experts spread
+    over the ep group, rows sent in `start` and the outputs back in `finish`."""
 
     def __init__(self, full: RoutedExperts, ep_size: int, ep_rank: int):
         nn.Module.__init__(self)  # DeepSpeed's MoE.__init__ builds its own gate and experts: not wanted
@@ -94,19 +157,26 @@ class ExpertParallelExperts(DeepSpeedMoE):
         experts = self.deepspeed_moe.experts.deepspeed_experts
         return tuple(torch.stack([getattr(e, name) for e in experts]) for name in ("w_gate", "w_up", "w_down"))
 
-    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    def start(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> EPDispatch | tuple[torch.Tensor, torch.Tensor]:
+        """Send rows sorted by global expert to the ranks owning them (one rank: nothing to send)."""
+        if self.ep_size == 1:
+            return x_MD, counts_E
+        return ep_dispatch_start(x_MD, counts_E, self.ep_size, self.deepspeed_moe.ep_group)
+
+    def finish(self, sent: EPDispatch | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """This rank's experts on the rows it received; their outputs go back where they came from."""
         w_gate, w_up, w_down = self.local_stacks()
         if self.ep_size == 1:
-            return expert_swiglu(x_MD, w_gate, w_up, w_down, counts_E, impl=impl)
-        group = self.deepspeed_moe.ep_group
-        rows, exchange = ep_dispatch(x_MD, counts_E, self.ep_size, group)
-        y = expert_swiglu(rows, w_gate, w_up, w_down, exchange.local_counts, impl=impl)
-        return ep_combine(y, exchange, group)
+            x_MD, counts_E = sent
+            return expert_swiglu(x_MD, w_gate, w_up, w_down, counts_E)
+        rows = ep_dispatch_finish(sent)
+        y = expert_swiglu(rows, w_gate, w_up, w_down, sent.exchange.local_counts)
+        return ep_combine(y, sent.exchange, self.deepspeed_moe.ep_group)
 
 
 @dataclass(frozen=True)
 class EPExchange:
-    """What `ep_dispatch` did, for `ep_combine` to undo: no state kept between the two."""
+    """What `ep_dispatch_start` did, for `ep_combine` to undo: no state kept between the two."""
 
     in_splits: list[int]  # rows this rank sent to each rank
     out_splits: list[int]  # rows this rank received from each rank
@@ -114,19 +184,33 @@ class EPExchange:
     local_counts: torch.Tensor  # rows per local expert, all sources together
 
 
-def ep_dispatch(x_MD: torch.Tensor, counts_E: torch.Tensor, ep_size: int, group) -> tuple[torch.Tensor, EPExchange]:
-    """Send rows sorted by global expert to the ranks owning them (rank p owns a contiguous block
-    of ids); returns the rows this rank's experts must compute, sorted by local expert."""
+@dataclass(frozen=True)
+class EPDispatch:
+    """Rows on their way to their experts' ranks (`ep_dispatch_start`)."""
+
+    rows: RowsInFlight
+    exchange: EPExchange
+
+
+def ep_dispatch_start(x_MD: torch.Tensor, counts_E: torch.Tensor, ep_size: int, group) -> EPDispatch:
+    """Start sending rows sorted by global expert to the ranks owning them (rank p owns a
+    contiguous block of ids). The counts go first and their split sizes must reach the host:
+    that exchange completes here; the rows' exchange is left running."""
     P, El = ep_size, counts_E.numel() // ep_size
     recv_counts = torch.empty_like(counts_E)
     dist.all_to_all_single(recv_counts, counts_E.contiguous(), group=group)
     counts_PE = recv_counts.view(P, El)  # rows from source p for local expert j
     in_splits = counts_E.view(P, El).sum(1).tolist()
     out_splits = counts_PE.sum(1).tolist()
-    rows = all_to_all(x_MD, out_splits, in_splits, group)
+    rows = send_rows(x_MD, out_splits, in_splits, group)
+    index = _source_major_to_expert_major(counts_PE, sum(out_splits))
+    return EPDispatch(rows, EPExchange(in_splits, out_splits, index, counts_PE.sum(0)))
+
+
+def ep_dispatch_finish(sent: EPDispatch) -> torch.Tensor:
+    """The rows this rank's experts must compute, sorted by local expert."""
     # received rows are ordered (source, local expert); the grouped product wants (expert, source)
-    index = _source_major_to_expert_major(counts_PE)
-    return rows[index], EPExchange(in_splits, out_splits, index, counts_PE.sum(0))
+    return receive_rows(sent.rows)[sent.exchange.index]
 
 
 def ep_combine(y_sorted: torch.Tensor, exchange: EPExchange, group) -> torch.Tensor:
@@ -135,20 +219,24 @@ def ep_combine(y_sorted: torch.Tensor, exchange: EPExchange, group) -> torch.Ten
     return all_to_all(y, exchange.in_splits, exchange.out_splits, group)
 
 
-def _source_major_to_expert_major(counts_PE: torch.Tensor) -> torch.Tensor:
-    """Index that reorders rows grouped (source p, expert j) into (expert j, source p)."""
+def _source_major_to_expert_major(counts_PE: torch.Tensor, total: int) -> torch.Tensor:
+    """Index that reorders rows grouped (source p, expert j) into (expert j, source p). total (the
+    row count, known on the host) keeps it free of device syncs while the rows are in flight."""
     P, El = counts_PE.shape
     starts_PE = (torch.cumsum(counts_PE.reshape(-1), 0) - counts_PE.reshape(-1)).view(P, El)
     counts_EP, starts_EP = counts_PE.t().reshape(-1), starts_PE.t().reshape(-1)
     dest_starts = torch.cumsum(counts_EP, 0) - counts_EP
-    shift = torch.repeat_interleave(starts_EP - dest_starts, counts_EP)
-    return torch.arange(int(counts_EP.sum()), device=counts_PE.device) + shift
+    shift = torch.repeat_interleave(starts_EP - dest_starts, counts_EP, output_size=total)
+    return torch.arange(total, device=counts_PE.device) + shift
 
 
-def parallelize_experts(model: Transformer, ep_size: int, ep_rank: int) -> None:
-    """Give every MoE (main stack and MTP) this rank's slice of its experts."""
+def parallelize_experts(model: nn.Module, ep_size: int, ep_rank: int, group=None) -> None:
+    """Give every MoE (main stack and MTP) this rank's slice of its experts. The ep group is
+    DeepSpeed's to set when its engine wraps the model; without DeepSpeed, pass it here."""
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
         moe.experts = ExpertParallelExperts(moe.experts, ep_size, ep_rank)
+        if group is not None:
+            moe.experts.deepspeed_moe._set_ep_group(group)
 
 
 def gather_expert_stacks(model: Transformer) -> dict[str, torch.Tensor]:

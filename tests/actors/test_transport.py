@@ -1,0 +1,55 @@
+"""The router/shard exchange over real gloo processes: `router_dispatch` returns while the shards
+are still computing (the router's shared experts run in that time), and `router_collect` gives
+each row's result in order, over consecutive layers and with a shard that gets no rows."""
+
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from actors.transport import free_port, router_collect, router_dispatch, shard_serve_layer
+
+DIM, LAYERS = 8, 3
+EXPERTS_PER_SHARD = [2, 3]  # shard 2 (the second) receives no rows in this test
+
+
+def _shard_output(rows: torch.Tensor, layer: int) -> torch.Tensor:
+    return rows * 2 + layer
+
+
+def _router(router_free) -> None:
+    torch.manual_seed(0)
+    for layer in range(LAYERS):
+        counts = torch.tensor([3, 4, 0, 0, 0])
+        rows = torch.randn(int(counts.sum()), DIM)
+        sent = router_dispatch(rows, counts, EXPERTS_PER_SHARD)
+        router_free.set()  # the shards compute only once the router got here: it must not wait for them
+        out = router_collect(sent)
+        assert torch.equal(out, _shard_output(rows, layer)), f"layer {layer}: wrong results"
+        router_free.clear()
+
+
+def _shard(rank: int, router_free) -> None:
+    for layer in range(LAYERS):
+        def compute(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+            assert router_free.wait(timeout=60), "router_dispatch waited for the shards' results"
+            return _shard_output(rows, layer)
+        counts = shard_serve_layer(EXPERTS_PER_SHARD[rank - 1], DIM, torch.float32, torch.device("cpu"), compute)
+        assert counts.tolist() == ([3, 4] if rank == 1 else [0, 0, 0])
+
+
+def _member(rank: int, port: int, router_free) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        _router(router_free) if rank == 0 else _shard(rank, router_free)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_router_computes_while_the_shards_do():
+    router_free = mp.get_context("spawn").Event()
+    mp.spawn(_member, args=(free_port("127.0.0.1"), router_free), nprocs=3, join=True)
