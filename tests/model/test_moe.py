@@ -45,7 +45,8 @@ def loop_reference(moe: MoE, x_ND: torch.Tensor, keep=None) -> torch.Tensor:
     {},
     {"score_func": "sigmoid", "n_group": 4, "topk_group": 2, "group_score": "top2_sum", "routed_scaling_factor": 2.5},
     {"n_shared_experts": 0, "norm_topk_prob": False, "bias_balancing": False, "top_k": 3},
-], ids=["softmax", "sigmoid-grouped", "no-shared"])
+    {"expert_chunks": 3},
+], ids=["softmax", "sigmoid-grouped", "no-shared", "3-blocks"])
 def test_grouped_experts_equal_per_expert_loop(impl, overrides, seed):
     moe = make_moe(seed, **overrides)
     x = torch.randn(2, 13, 32, requires_grad=True)
@@ -62,11 +63,13 @@ def test_grouped_experts_equal_per_expert_loop(impl, overrides, seed):
     layer_out, _ = moe(x)
     assert (layer_out.view(-1, 32) - ref).abs().max() <= 1e-5
     g = torch.randn_like(ref)
-    grads = torch.autograd.grad((out * g).sum(), [x, moe.experts.w_down, moe.experts.w_gate])
-    ref_grads = torch.autograd.grad((ref * g).sum(), [x, moe.experts.w_down, moe.experts.w_gate])
-    for a, b in zip(grads, ref_grads):
-        # sums of many fp32 products in another order: relative, as gradients grow with the weights
-        assert (a - b).abs().max() <= 1e-5 * max(1.0, float(b.abs().max()))
+    params = [x, moe.experts.w_down, moe.experts.w_gate]
+    ref_grads = torch.autograd.grad((ref * g).sum(), params)
+    for result in (out, layer_out.view(-1, 32)):
+        grads = torch.autograd.grad((result * g).sum(), params, retain_graph=True)
+        for a, b in zip(grads, ref_grads):
+            # sums of many fp32 products in another order: relative, as gradients grow with the weights
+            assert (a - b).abs().max() <= 1e-5 * max(1.0, float(b.abs().max()))
 
 
 @pytest.mark.parametrize("impl", ["native", "loop"])
