@@ -7,6 +7,7 @@ import torch
 
 from model.attention import MLA, StepLayout
 from tests.conftest import build_model, tiny_config
+from tests.routing_ties import draw_untied
 
 VARIANTS = [
     ("tiny",),
@@ -21,9 +22,8 @@ VARIANTS = [
 def test_cached_decoding_equals_full_forward(variant, seed):
     cfg = tiny_config(*variant)
     model = build_model(cfg, seed)
-    tokens = torch.randint(0, cfg.vocab_size, (3, 40))
     with torch.no_grad():
-        full = model(tokens)
+        tokens, full = draw_untied(model, lambda: torch.randint(0, cfg.vocab_size, (3, 40)), model)
         caches = model.new_cache(3)
         steps = [model(tokens[:, :17], StepLayout.build(3, 17), caches)]
         for t in range(17, 40):
