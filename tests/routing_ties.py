@@ -30,7 +30,9 @@ import torch
 from torch import nn
 
 from model.config import MoEConfig
+from model.generate import SamplingParams, generate
 from model.moe import MoE
+from model.transformer import Transformer
 
 TIE_MARGIN = 3e-6
 MAX_DRAWS = 8  # even at 1 tied draw in 5 (long generations), 8 in a row is ~3e-6
@@ -88,7 +90,7 @@ def draw_untied(model: nn.Module, draw: Callable[[], Inputs], reference: Callabl
                 ) -> tuple[Inputs, Result]:
     """The first inputs from `draw` on which `reference` (a run of the plain `model`) routes every
     token by a margin of at least TIE_MARGIN, with that run's result. `draw` continues one seeded
-    stream, so the first draw is what the test always drew and a seed replays exactly."""
+    stream, so a seed replays exactly."""
     smallest = []
     for _ in range(MAX_DRAWS):
         inputs = draw()
@@ -101,3 +103,25 @@ def draw_untied(model: nn.Module, draw: Callable[[], Inputs], reference: Callabl
             return inputs, result
     raise AssertionError(f"{MAX_DRAWS} draws in a row have near-tied routing (smallest margins {smallest}); "
                          f"ties should be rare, so the gate or the inputs have lost their spread")
+
+
+def untied_tokens(model: Transformer, seed: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random tokens [batch, length] (a stream seeded with `seed`) and the model's logits for them."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return draw_untied(model, lambda: torch.randint(0, model.cfg.vocab_size, (batch, length), generator=gen), model)
+
+
+def untied_prompts(model: Transformer, seed: int, lengths: tuple[int, ...],
+                   params: SamplingParams | list[SamplingParams]) -> tuple[list[list[int]], list[list[int]]]:
+    """Random prompts of these lengths and the model's generations for them: all together under
+    one `SamplingParams`, or each prompt alone under its own."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def reference(prompts: list[list[int]]) -> list[list[int]]:
+        if isinstance(params, SamplingParams):
+            return generate(model, prompts, params)
+        return [generate(model, [p], sp)[0] for p, sp in zip(prompts, params)]
+
+    return draw_untied(model, lambda: [torch.randint(3, model.cfg.vocab_size, (n,), generator=gen).tolist()
+                                       for n in lengths], reference)
