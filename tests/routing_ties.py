@@ -86,6 +86,20 @@ def routing_margins(model: nn.Module) -> Iterator[list[float]]:
             handle.remove()
 
 
+def _watched(model: nn.Module, run: Callable[[], Result]) -> tuple[Result, float]:
+    with routing_margins(model) as margins:
+        result = run()
+    return result, min(margins, default=float("inf"))
+
+
+def untied(model: nn.Module, reference: Callable[[], Result]) -> Result:
+    """For fixed inputs, where there is nothing to redraw: the reference run's result, or a
+    failure on every run (never a flake) naming the near-tie, so the test's inputs get changed."""
+    result, margin = _watched(model, reference)
+    assert margin >= TIE_MARGIN, f"the fixed inputs have near-tied routing (margin {margin:.2e} < {TIE_MARGIN})"
+    return result
+
+
 def draw_untied(model: nn.Module, draw: Callable[[], Inputs], reference: Callable[[Inputs], Result],
                 ) -> tuple[Inputs, Result]:
     """The first inputs from `draw` on which `reference` (a run of the plain `model`) routes every
@@ -94,10 +108,9 @@ def draw_untied(model: nn.Module, draw: Callable[[], Inputs], reference: Callabl
     smallest = []
     for _ in range(MAX_DRAWS):
         inputs = draw()
-        with routing_margins(model) as margins:
-            result = reference(inputs)
-        smallest.append(min(margins, default=float("inf")))
-        if smallest[-1] >= TIE_MARGIN:
+        result, margin = _watched(model, lambda: reference(inputs))
+        smallest.append(margin)
+        if margin >= TIE_MARGIN:
             if len(smallest) > 1:
                 print(f"near-tied routing (margins {smallest[:-1]}): inputs drawn {len(smallest)} times")
             return inputs, result
