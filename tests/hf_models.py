@@ -1,4 +1,5 @@
-"""Tiny random Hugging Face models built with `transformers` itself, for the import/export tests.
+"""Tiny random Hugging Face models built with `transformers` itself, for the import/export tests,
+and the moray side of those comparisons (the imported model, inputs its routing does not tie on).
 
 Each config turns on a different part of the mapping: q-LoRA or not, grouped routing, sigmoid
 or softmax scores, shared experts, dense first layers, YaRN, half-split rope, tied embeddings.

@@ -35,7 +35,7 @@ def test_import_and_export_equal_transformers(name, seed, tmp_path):
     hf = build_hf_model(name, seed)
     hf_dir = save_hf_model(hf, tmp_path / "hf")
     ckpt = import_hf(hf_dir, tmp_path / "moray", progress=False)
-    tokens, ragged, logits, ours = untied_inputs(moray_model(ckpt), seed, (3, 13), cuts=[5, 9, 13], greedy_tokens=6)
+    tokens, ragged, logits, ours = untied_inputs(moray_model(ckpt), seed, (3, 13), cuts=(5, 9, 13), greedy_tokens=6)
     expected = hf_logits(hf, tokens)
     assert relative_error(logits, expected) <= REL_TOL, "imported logits differ from transformers'"
     assert ours == hf_greedy(hf, ragged, 6), "greedy generation differs from transformers'"
