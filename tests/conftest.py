@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -24,8 +25,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def seed(request) -> int:
-    """A fresh seed per test, printed so a failure can be replayed."""
-    value = random.SystemRandom().randrange(2**31)
+    """A fresh seed per test, printed so a failure can be replayed: MORAY_TEST_SEED=<seed> pytest ..."""
+    replay = os.environ.get("MORAY_TEST_SEED")
+    value = int(replay) if replay else random.SystemRandom().randrange(2**31)
     torch.manual_seed(value)
     print(f"{request.node.name}: seed {value}")
     return value

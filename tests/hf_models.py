@@ -1,4 +1,5 @@
-"""Tiny random Hugging Face models built with `transformers` itself, for the import/export tests.
+"""Tiny random Hugging Face models built with `transformers` itself, for the import/export tests,
+and the moray side of those comparisons (the imported model, inputs its routing does not tie on).
 
 Each config turns on a different part of the mapping: q-LoRA or not, grouped routing, sigmoid
 or softmax scores, shared experts, dense first layers, YaRN, half-split rope, tied embeddings.
@@ -9,6 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
+from model.checkpoint import load_config, load_into
+from model.generate import SamplingParams, generate
+from model.transformer import Transformer
+from tests.routing_ties import draw_untied
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
         "mscale": 0.707, "mscale_all_dim": 0.707}
@@ -96,6 +102,33 @@ def hf_greedy(model, prompts: list[list[int]], new_tokens: int) -> list[list[int
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).abs().max() / expected.abs().max())
+
+
+def moray_model(ckpt: Path) -> Transformer:
+    """The single-process model of a moray checkpoint (an imported one, here)."""
+    model = Transformer(load_config(ckpt), init=False).eval()
+    load_into(model, ckpt)
+    return model
+
+
+def untied_inputs(model: Transformer, seed: int, shape: tuple[int, int], cuts: tuple[int, ...] = (),
+                  greedy_tokens: int = 0) -> tuple[torch.Tensor, list[list[int]], torch.Tensor, list[list[int]]]:
+    """Random tokens and prompts cut from their rows (row i's first cuts[i]) on which moray's
+    routing is not near-tied, with moray's logits and greedy continuations. moray's run is the
+    one watched: its gate scores equal transformers' to 3e-7 (see tests/routing_ties.py)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw() -> tuple[torch.Tensor, list[list[int]]]:
+        batch = torch.randint(0, model.cfg.vocab_size, shape, generator=gen)
+        return batch, [batch[i, :n].tolist() for i, n in enumerate(cuts)]
+
+    def run(inputs: tuple[torch.Tensor, list[list[int]]]) -> tuple[torch.Tensor, list[list[int]]]:
+        with torch.no_grad():
+            greedy = generate(model, inputs[1], SamplingParams(max_new_tokens=greedy_tokens)) if cuts else []
+            return model(inputs[0]), greedy
+
+    (batch, prompts), (logits, greedy) = draw_untied(model, draw, run)
+    return batch, prompts, logits, greedy
 
 
 def hf_tokenizer(chat_template: str, vocab_size: int = 96):

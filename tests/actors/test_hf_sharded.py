@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 import ray
-import torch
 
 pytest.importorskip("transformers")
 
 from cluster.sharded import ShardedModel  # noqa: E402
 from model.generate import SamplingParams  # noqa: E402
 from model.hf import import_hf  # noqa: E402
-from tests.hf_models import build_hf_model, hf_greedy, hf_logits, relative_error, save_hf_model  # noqa: E402
+from tests.hf_models import (build_hf_model, hf_greedy, hf_logits, moray_model, relative_error,  # noqa: E402
+                             save_hf_model, untied_inputs)
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +26,7 @@ def ray_cluster():
 def test_two_shards_equal_transformers(ray_cluster, name, seed, tmp_path):
     hf = build_hf_model(name, seed)
     ckpt = import_hf(save_hf_model(hf, tmp_path / "hf"), tmp_path / "moray", progress=False)
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, hf.config.vocab_size, (3, 11), generator=gen)
-    prompts = [tokens[0, :4].tolist(), tokens[1].tolist()]
+    tokens, prompts, _, _ = untied_inputs(moray_model(ckpt), seed, (3, 11), cuts=(4, 11), greedy_tokens=5)
     with ShardedModel.create(str(ckpt), num_shards=2) as sharded:
         expected = hf_logits(hf, tokens)
         assert relative_error(sharded.forward(tokens), expected) <= 1e-4, "prefill logits differ"

@@ -11,6 +11,7 @@ import torch
 from cluster.sharded import ShardedModel
 from model.checkpoint import save_checkpoint
 from tests.conftest import build_model, tiny_config
+from tests.routing_ties import untied_tokens
 
 pytestmark = pytest.mark.gpu
 
@@ -30,9 +31,7 @@ def test_nccl_sharded_equals_single_process(gpu_ray, preset, seed, tmp_path):
     cfg = tiny_config(preset)
     model = build_model(cfg, seed)
     ckpt = save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict())
-    tokens = torch.randint(0, cfg.vocab_size, (3, 21), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        expected = model(tokens)
+    tokens, expected = untied_tokens(model, seed, 3, 21)
     with ShardedModel.create(str(ckpt), num_shards=1, use_gpu=True) as sharded:
         assert sharded.stats()["device"].startswith("cuda")
         assert all(s["device"].startswith("cuda") for s in sharded.shard_stats())
@@ -46,9 +45,7 @@ def test_nccl_replacement_and_failover_keep_logits(gpu_ray, seed, tmp_path):
     cfg = tiny_config("tiny")
     model = build_model(cfg, seed)
     ckpt = save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict())
-    tokens = torch.randint(0, cfg.vocab_size, (3, 21), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        expected = model(tokens)
+    tokens, expected = untied_tokens(model, seed, 3, 21)
     with ShardedModel.create(str(ckpt), num_shards=1, use_gpu=True) as sharded:
         event = sharded.apply_placement([list(reversed(range(cfg.moe.n_routed_experts)))])
         assert event["ok"], event["message"]

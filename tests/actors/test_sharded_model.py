@@ -18,9 +18,10 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 from actors.router import ShardFailure
 from cluster.sharded import ShardedModel
 from model.checkpoint import save_checkpoint
-from model.generate import SamplingParams, generate
+from model.generate import SamplingParams
 from model.transformer import Transformer
 from tests.conftest import build_model, tiny_config
+from tests.routing_ties import untied_prompts, untied_tokens
 
 TOL = 1e-5
 
@@ -43,10 +44,7 @@ def reference(preset: str, seed: int, *overrides: str):
 
 
 def check_equal(sharded: ShardedModel, model, seed: int, batch: int = 3, length: int = 21) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, model.cfg.vocab_size, (batch, length), generator=gen)
-    with torch.no_grad():
-        expected = model(tokens)
+    tokens, expected = untied_tokens(model, seed, batch, length)
     prefill = sharded.forward(tokens)
     assert (prefill - expected).abs().max() <= TOL, "prefill logits differ"
     decoded = sharded.forward(tokens, decode_from=7)
@@ -96,11 +94,8 @@ def test_seeded_weights_equal_the_seeded_single_process_model(cluster, seed):
 
 def test_concurrent_generate_is_batched_and_equals_alone(cluster, seed, tmp_path):
     cfg, model = reference("tiny", seed)
-    prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(seed + n)).tolist()
-               for n in (5, 12, 3, 8, 9, 4)]
-    params = [SamplingParams(max_new_tokens=10, temperature=0.0 if i % 2 else 0.9, seed=seed + i)
-              for i in range(len(prompts))]
-    expected = [generate(model, [p], sp)[0] for p, sp in zip(prompts, params)]
+    params = [SamplingParams(max_new_tokens=10, temperature=0.0 if i % 2 else 0.9, seed=seed + i) for i in range(6)]
+    prompts, expected = untied_prompts(model, seed, (5, 12, 3, 8, 9, 4), params)
     ckpt = save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict())
     with ShardedModel.create(str(ckpt), num_shards=2) as sharded:
         results: dict[int, list[int]] = {}
@@ -166,7 +161,7 @@ def test_replicas_and_live_replacement_keep_logits(cluster, seed, tmp_path):
     placement's logits; the shards' counts show the replicas sharing their experts' tokens."""
     cfg, model = reference("tiny", seed)
     ckpt = save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict())
-    tokens = torch.randint(0, cfg.vocab_size, (4, 19), generator=torch.Generator().manual_seed(seed))
+    tokens, _ = untied_tokens(model, seed, 4, 19)
     with ShardedModel.create(str(ckpt), num_shards=2) as sharded:
         plain = sharded.forward(tokens)
         replicated = [[[0, 1, 2, 3, 4, 5], [4, 5, 6, 7, 0]], [[7, 2, 3, 1], [1, 7, 0, 4, 5, 6, 2]]]
@@ -189,10 +184,8 @@ def test_generation_continues_through_scale_rebalance_and_failover(cluster, seed
     replicas, a shard is killed (replaced, step re-run) and shards removed: outputs equal the
     single-process model's."""
     cfg, model = reference("tiny", seed)
-    prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(seed + n)).tolist()
-               for n in (4, 9, 6)]
     params = SamplingParams(max_new_tokens=40, temperature=0.0)
-    expected = generate(model, prompts, params)
+    prompts, expected = untied_prompts(model, seed, (4, 9, 6), params)
     ckpt = save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict())
     with ShardedModel.create(str(ckpt), num_shards=2, elastic={"redundant_experts": 2}) as sharded:
         for round_ in range(2):
@@ -255,10 +248,8 @@ def test_controller_rebalances_a_skewed_load(cluster, seed, tmp_path):
     within 1.15 of even, and answers are unchanged."""
     cfg, _ = reference("tiny", seed)
     model = skewed_model(cfg, seed, hot=[0, 1, 2])
-    prompts = [torch.randint(3, cfg.vocab_size, (12,), generator=torch.Generator().manual_seed(seed + i)).tolist()
-               for i in range(6)]
     params = SamplingParams(max_new_tokens=12, temperature=0.0)
-    expected = generate(model, prompts, params)
+    prompts, expected = untied_prompts(model, seed, (12,) * 6, params)
     ckpt = save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict())
     elastic = {"rebalance": True, "threshold": 1.15, "interval_s": 0.5, "min_window_tokens": 200,
                "redundant_experts": 3}
@@ -282,9 +273,8 @@ def test_controller_scales_shards_by_load(cluster, seed):
     cfg = tiny_config("tiny")
     torch.manual_seed(seed)
     model = Transformer(cfg).eval()
-    prompts = [[5, 6, 7, 8], [9, 10, 11]]
     params = SamplingParams(max_new_tokens=16, temperature=0.0)
-    expected = generate(model, prompts, params)
+    prompts, expected = untied_prompts(model, seed, (4, 3), params)
     elastic = {"autoscale": True, "scale_up_tokens_s": 5.0, "scale_down_tokens_s": 2.0, "min_shards": 2,
                "max_shards": 3, "interval_s": 0.5, "window_steps": 8}
     with ShardedModel.create(cfg, num_shards=2, seed=seed, elastic=elastic) as sharded:

@@ -7,6 +7,7 @@ import torch
 
 from model.attention import MLA, StepLayout
 from tests.conftest import build_model, tiny_config
+from tests.routing_ties import draw_untied
 
 VARIANTS = [
     ("tiny",),
@@ -21,9 +22,8 @@ VARIANTS = [
 def test_cached_decoding_equals_full_forward(variant, seed):
     cfg = tiny_config(*variant)
     model = build_model(cfg, seed)
-    tokens = torch.randint(0, cfg.vocab_size, (3, 40))
     with torch.no_grad():
-        full = model(tokens)
+        tokens, full = draw_untied(model, lambda: torch.randint(0, cfg.vocab_size, (3, 40)), model)
         caches = model.new_cache(3)
         steps = [model(tokens[:, :17], StepLayout.build(3, 17), caches)]
         for t in range(17, 40):
@@ -56,21 +56,26 @@ def test_padded_rows_in_other_slots_equal_separate_runs(preset, seed):
     cfg = tiny_config(preset)
     model = build_model(cfg, seed)
     lengths = [5, 19, 11]
-    seqs = [torch.randint(0, cfg.vocab_size, (n,)) for n in lengths]
+
+    def draw():  # the rows, and the next token of each
+        return [torch.randint(0, cfg.vocab_size, (n,)) for n in lengths], torch.randint(0, cfg.vocab_size, (3, 1))
+
+    def each_alone(inputs):
+        seqs, nxt = inputs
+        return [model(torch.cat([s, nxt[i]])[None])[0] for i, s in enumerate(seqs)]
+
     padded = torch.zeros(3, 19, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        padded[i, : len(s)] = s
     slots = torch.tensor([4, 0, 2])
     with torch.no_grad():
+        (seqs, nxt), alone = draw_untied(model, draw, each_alone)
+        for i, s in enumerate(seqs):
+            padded[i, : len(s)] = s
         caches = model.new_cache(5)
         layout = StepLayout.build(3, 19, lengths=torch.tensor(lengths), slots=slots)
         batched = model(padded, layout, caches)
         for i, s in enumerate(seqs):
-            alone = model(s[None])
-            assert (batched[i, : len(s)] - alone[0]).abs().max() <= 1e-5
+            assert (batched[i, : len(s)] - alone[i][: len(s)]).abs().max() <= 1e-5
         # a decode step for all three continues each sequence from its own length
-        nxt = torch.randint(0, cfg.vocab_size, (3, 1))
         step = model(nxt, StepLayout.build(3, 1, start_pos=torch.tensor(lengths), slots=slots), caches)
         for i, s in enumerate(seqs):
-            alone = model(torch.cat([s, nxt[i]])[None])
-            assert (step[i, 0] - alone[0, -1]).abs().max() <= 1e-5
+            assert (step[i, 0] - alone[i][-1]).abs().max() <= 1e-5

@@ -7,21 +7,21 @@ import torch
 
 from model.generate import ContinuousBatcher, SamplingParams, generate, sample_token
 from tests.conftest import build_model, tiny_config
+from tests.routing_ties import draw_untied, untied_prompts
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-gqa"])
 def test_batched_mixed_lengths_equal_one_at_a_time(preset, seed):
     cfg = tiny_config(preset)
     model = build_model(cfg, seed)
-    prompts = [torch.randint(3, cfg.vocab_size, (n,)).tolist() for n in (3, 17, 9, 1)]
     params = [
         SamplingParams(max_new_tokens=12),
         SamplingParams(max_new_tokens=7, temperature=0.8, seed=seed),
         SamplingParams(max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9, seed=seed + 1),
         SamplingParams(max_new_tokens=4),
     ]
+    prompts, alone = untied_prompts(model, seed, (3, 17, 9, 1), params)
     batched = generate(model, prompts, params)
-    alone = [generate(model, [p], [sp])[0] for p, sp in zip(prompts, params)]
     assert batched == alone
     assert [len(o) for o in batched] == [12, 7, 12, 4]
 
@@ -29,12 +29,15 @@ def test_batched_mixed_lengths_equal_one_at_a_time(preset, seed):
 def test_greedy_continues_the_argmax_of_the_full_forward(seed):
     cfg = tiny_config("tiny")
     model = build_model(cfg, seed)
-    prompt = torch.randint(3, cfg.vocab_size, (6,)).tolist()
-    out = generate(model, [prompt], SamplingParams(max_new_tokens=8))[0]
-    seq = prompt[:]
-    for _ in range(8):
-        seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    assert out == seq[len(prompt):]
+
+    def full_forward_argmax(prompt: list[int]) -> list[int]:
+        seq = prompt[:]
+        for _ in range(8):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+        return seq[len(prompt):]
+
+    prompt, expected = draw_untied(model, lambda: torch.randint(3, cfg.vocab_size, (6,)).tolist(), full_forward_argmax)
+    assert generate(model, [prompt], SamplingParams(max_new_tokens=8))[0] == expected
 
 
 def test_stop_token_ends_the_sequence(seed):
@@ -91,8 +94,8 @@ def test_sequences_join_and_leave_between_steps(seed):
     """Two cache slots, four requests: later ones wait, then join a batch already decoding."""
     cfg = tiny_config("tiny")
     model = build_model(cfg, seed)
-    prompts = [torch.randint(3, cfg.vocab_size, (n,)).tolist() for n in (4, 9, 6, 2)]
     params = [SamplingParams(max_new_tokens=n) for n in (3, 8, 5, 6)]
+    prompts, alone = untied_prompts(model, seed, (4, 9, 6, 2), params)
     batcher = ContinuousBatcher(model, model.new_cache(2), cfg.max_seq_len)
     seqs = [batcher.add(p, sp) for p, sp in zip(prompts, params)]
     batch_sizes = []
@@ -101,4 +104,4 @@ def test_sequences_join_and_leave_between_steps(seed):
             batch_sizes.append(len(batcher.running) + min(len(batcher.waiting), len(batcher.free_slots)))
             batcher.step()
     assert max(batch_sizes) == 2
-    assert [s.output for s in seqs] == [generate(model, [p], sp)[0] for p, sp in zip(prompts, params)]
+    assert [s.output for s in seqs] == alone

@@ -16,30 +16,16 @@ pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from cluster.cli import main  # noqa: E402
-from model.checkpoint import load_config, load_into, load_state_dict, tokenizer_file  # noqa: E402
-from model.generate import SamplingParams, generate  # noqa: E402
+from model.checkpoint import load_config, load_state_dict, tokenizer_file  # noqa: E402
 from model.hf import as_moray_checkpoint, export_hf, import_hf  # noqa: E402
 from model.hf_config import HFFormatError  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 from serve.openai_api import ChatMessage, chat_prompt  # noqa: E402
 from tests.hf_models import (CHAT_TEMPLATE, CONFIGS, build_hf_model, hf_greedy, hf_logits, hf_tokenizer,  # noqa: E402
-                             relative_error, save_hf_model)
+                             moray_model, relative_error, save_hf_model, untied_inputs)
 
 REL_TOL = 1e-4
-
-
-def moray_model(ckpt: Path) -> Transformer:
-    model = Transformer(load_config(ckpt), init=False).eval()
-    load_into(model, ckpt)
-    return model
-
-
-def prompts(vocab: int, seed: int) -> tuple[torch.Tensor, list[list[int]]]:
-    gen = torch.Generator().manual_seed(seed)
-    batch = torch.randint(0, vocab, (3, 13), generator=gen)
-    ragged = [batch[0, :5].tolist(), batch[1, :9].tolist(), batch[2].tolist()]
-    return batch, ragged
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -49,12 +35,9 @@ def test_import_and_export_equal_transformers(name, seed, tmp_path):
     hf = build_hf_model(name, seed)
     hf_dir = save_hf_model(hf, tmp_path / "hf")
     ckpt = import_hf(hf_dir, tmp_path / "moray", progress=False)
-    model = moray_model(ckpt)
-    tokens, ragged = prompts(hf.config.vocab_size, seed)
+    tokens, ragged, logits, ours = untied_inputs(moray_model(ckpt), seed, (3, 13), cuts=(5, 9, 13), greedy_tokens=6)
     expected = hf_logits(hf, tokens)
-    with torch.no_grad():
-        assert relative_error(model(tokens), expected) <= REL_TOL, "imported logits differ from transformers'"
-        ours = generate(model, ragged, SamplingParams(max_new_tokens=6))
+    assert relative_error(logits, expected) <= REL_TOL, "imported logits differ from transformers'"
     assert ours == hf_greedy(hf, ragged, 6), "greedy generation differs from transformers'"
 
     exported = export_hf(ckpt, tmp_path / "export", max_shard_bytes=30_000, progress=False)
@@ -234,9 +217,9 @@ def test_deepseek_v3_mtp_layers_become_moray_mtp_modules(seed, tmp_path):
     assert torch.equal(state["mtp.0.hidden_norm.weight"], tensors[f"model.layers.{n}.hnorm.weight"])
     assert torch.equal(state["mtp.0.block.ffn.experts.w_down"][5],
                        tensors[f"model.layers.{n}.mlp.experts.5.down_proj.weight"].t())
-    tokens, _ = prompts(hf.config.vocab_size, seed)
+    tokens, _, logits, _ = untied_inputs(moray_model(ckpt), seed, (3, 13))
+    assert relative_error(logits, hf_logits(hf, tokens)) <= REL_TOL
     with torch.no_grad():
-        assert relative_error(moray_model(ckpt)(tokens), hf_logits(hf, tokens)) <= REL_TOL
         assert moray_model(ckpt).loss(tokens[:, :-1], tokens[:, 1:]).mtp is not None
 
     exported = export_hf(ckpt, tmp_path / "export", progress=False)

@@ -34,6 +34,7 @@ from model.generate import SamplingParams, generate
 from model.tokenizer import Tokenizer
 from serve.app import build_app
 from tests.conftest import build_model, tiny_config
+from tests.routing_ties import untied
 from train.data import prepare_corpus
 
 PROMPTS = ["import json", "def load(", "class Decoder:", "# parse the"]
@@ -85,8 +86,8 @@ def served(tmp_path_factory):
     tok = Tokenizer.load(manifest.tokenizer_path)
     expected = {}
     for prompt in PROMPTS:
-        out = generate(model, [tok.encode(prompt)], SamplingParams(max_new_tokens=MAX_TOKENS,
-                                                                    stop_tokens=(tok.eos_id,)))[0]
+        params = SamplingParams(max_new_tokens=MAX_TOKENS, stop_tokens=(tok.eos_id,))
+        out = untied(model, lambda: generate(model, [tok.encode(prompt)], params)[0])
         expected[prompt] = tok.decode([t for t in out if t != tok.eos_id])
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 6})
     ray.init(address=c.address)

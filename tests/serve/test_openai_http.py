@@ -24,6 +24,7 @@ from serve import moray_pb2, moray_pb2_grpc
 from serve.app import GRPC_SERVICER, build_app
 from serve.openai_api import chat_prompt, ChatMessage
 from tests.conftest import build_model, tiny_config
+from tests.routing_ties import untied
 from train.data import prepare_corpus
 
 
@@ -48,7 +49,7 @@ def server(tmp_path_factory):
 
 def expected_text(server, prompt_ids: list[int], params: SamplingParams) -> tuple[str, list[int]]:
     tok = server["tok"]
-    out = generate(server["model"], [prompt_ids], [params])[0]
+    out = untied(server["model"], lambda: generate(server["model"], [prompt_ids], [params])[0])
     out = [t for t in out if t != tok.eos_id]
     return tok.decode(out), out
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import ray
-import torch
 
 from cluster.config import load_config
 from cluster.sharded import ShardedModel
 from model.checkpoint import load_config as load_model_config
 from model.checkpoint import load_into
 from model.transformer import Transformer
+from tests.routing_ties import untied_tokens
 from train.data import prepare_corpus
 from train.job import run_training
 
@@ -64,9 +64,7 @@ def test_training_learns_and_the_export_serves(env, impl, seed):
     model_cfg = load_model_config(result.model_checkpoint)
     model = Transformer(model_cfg).eval()
     load_into(model, result.model_checkpoint)
-    tokens = torch.randint(0, model_cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        expected = model(tokens)
+    tokens, expected = untied_tokens(model, seed, 2, 17)
     with ShardedModel.create(result.model_checkpoint, num_shards=2) as sharded:
         assert (sharded.forward(tokens) - expected).abs().max() <= 1e-5
 
