@@ -14,11 +14,12 @@ expert shard or an expert-parallel rank, which receive their rows over the netwo
 
 Transient [M, D] tensors (the gathered rows, the expert outputs before the combine, their
 gradients) still peak at several times the layer's input with top-8 routing. `chunks` > 1
-walks the sorted rows in that many blocks of whole experts instead and combines each block
-into an fp32 sum as soon as it is computed, so only about [M / chunks, D] exists at a time. The
-price: one host read of the expert counts per layer (to cut the blocks), a read-modify-write of
-the [N, D] sum per block, and each block's weight gradients [~E / chunks, D, F] made apart and
-then copied into place.
+walks the sorted rows in about that many blocks of whole experts instead (a hot expert with
+more rows than a block's share is cut into pieces) and combines each block into an fp32 sum
+as soon as it is computed, so only about [M / chunks, D] exists at a time. The price: one host
+read of the expert counts per layer (to cut the blocks), a read-modify-write of the [N, D] sum
+per block, and each block's weight gradients [~E / chunks, D, F] made apart and then copied
+into place.
 """
 
 from __future__ import annotations
@@ -34,23 +35,36 @@ from model.swiglu_kernels import swiglu, swiglu_backward
 
 @dataclass(frozen=True)
 class RowBlock:
-    """Sorted rows [rows.start, rows.stop): every row of the experts in `experts`, `counts` each."""
+    """Sorted rows [rows.start, rows.stop) of the experts in `experts`, `counts` rows each. A hot
+    expert's rows may be cut into several one-expert blocks; all but the first are `continued`
+    (their weight gradient adds to the one before)."""
 
     rows: slice
     experts: slice
     counts: torch.Tensor | None
+    continued: bool = False
 
 
 def row_blocks(counts_E: torch.Tensor | None, chunks: int) -> list[RowBlock]:
-    """Consecutive experts grouped into about `chunks` blocks of about equal rows (a hot expert
-    may make a larger one); one block, with no host sync, when chunks is 1. Blocks end at expert
-    boundaries so each expert's weight gradient comes from exactly one block."""
+    """Consecutive experts grouped into about `chunks` blocks of about equal rows, an expert with
+    more rows than that cut into pieces of its own; one block, with no host sync, when chunks
+    is 1. Every expert appears in some block, so the weight gradients need no zero-filling."""
     if chunks <= 1 or counts_E is None:
         return [RowBlock(slice(None), slice(None), counts_E)]
     counts = counts_E.tolist()  # the chunked step's one host sync per layer
     target = max(1, -(-sum(counts) // chunks))
     blocks, e0, r0, r1 = [], 0, 0, 0
     for e, c in enumerate(counts):
+        if c > target:  # a hot expert: close the experts before it, then cut it into pieces
+            if e > e0:
+                blocks.append(RowBlock(slice(r0, r1), slice(e0, e), counts_E[e0:e]))
+            pieces = -(-c // target)
+            cuts = [r1 + p * c // pieces for p in range(pieces + 1)]
+            blocks += [RowBlock(slice(a, b), slice(e, e + 1), counts_E.new_full((1,), b - a), continued=p > 0)
+                       for p, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+            r1 += c
+            e0, r0 = e + 1, r1
+            continue
         r1 += c
         if r1 - r0 >= target or e == len(counts) - 1:
             blocks.append(RowBlock(slice(r0, r1), slice(e0, e + 1), counts_E[e0:e + 1]))
@@ -73,7 +87,10 @@ def _put_weight_grad(total: torch.Tensor | None, block: RowBlock, grad: torch.Te
     """One block's experts' weight gradients into the [E, ...] total; the only block's is the total."""
     if total is None:
         return grad
-    total[block.experts] = grad
+    if block.continued:
+        total[block.experts] += grad
+    else:
+        total[block.experts] = grad
     return total
 
 

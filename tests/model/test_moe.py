@@ -73,18 +73,22 @@ def test_grouped_experts_equal_per_expert_loop(impl, overrides, seed):
 
 
 @pytest.mark.parametrize("impl", ["native", "loop"])
-@pytest.mark.parametrize("with_combine,chunks,capacity", [(True, 1, None), (False, 1, None), (True, 4, None),
-                                                          (True, 20, 12)],
-                         ids=["tokens", "rows", "tokens-4-blocks", "tokens-1-expert-blocks-capacity"])
-def test_fused_expert_step_equals_plain_autograd(impl, with_combine, chunks, capacity, seed):
+@pytest.mark.parametrize("with_combine,chunks,capacity,hot", [
+    (True, 1, None, False), (False, 1, None, False), (True, 4, None, False), (True, 20, 12, False),
+    (True, 4, None, True),
+], ids=["tokens", "rows", "tokens-4-blocks", "tokens-1-expert-blocks-capacity", "tokens-4-blocks-hot-expert-cut"])
+def test_fused_expert_step_equals_plain_autograd(impl, with_combine, chunks, capacity, hot, seed):
     """The memory-saving autograd function (model/expert_ffn.py) gives the plain composition's
     output and every gradient: input, the three expert stacks and, through the combine weights,
     the gate; with an idle expert and fresh random inputs. In blocks of whole experts (down to one
-    expert a block, the idle one included) and with copies dropped by a capacity, too."""
+    expert a block, the idle one included), with a hot expert cut across blocks, and with copies
+    dropped by a capacity, too."""
     moe = make_moe(seed, top_k=3)
     with torch.no_grad():
         moe.gate.weight[5] = -10.0 * moe.gate.weight[5].sign()  # expert 5 gets few or no tokens
     x = torch.randn(37, 32, requires_grad=True)
+    if hot:  # every token picks expert 2: more rows than a block's share, so it is cut into pieces
+        moe.expert_bias[2] = 100.0
     routing = route(moe.gate(x), moe.expert_bias, moe.cfg)
     dispatch = permute(routing, 8, capacity)
     if capacity is not None:
