@@ -46,29 +46,27 @@ class RowBlock:
 
 
 def row_blocks(counts_E: torch.Tensor | None, chunks: int) -> list[RowBlock]:
-    """Consecutive experts grouped into about `chunks` blocks of about equal rows, an expert with
-    more rows than that cut into pieces of its own; one block, with no host sync, when chunks
-    is 1. Every expert appears in some block, so the weight gradients need no zero-filling."""
+    """Consecutive experts grouped into blocks of at most M / chunks rows, an expert with more
+    rows than that cut into pieces of its own; one block, with no host sync, when chunks is 1.
+    No block is empty: idle experts left out of every block get zero weight gradients."""
     if chunks <= 1 or counts_E is None:
         return [RowBlock(slice(None), slice(None), counts_E)]
     counts = counts_E.tolist()  # the chunked step's one host sync per layer
     target = max(1, -(-sum(counts) // chunks))
     blocks, e0, r0, r1 = [], 0, 0, 0
     for e, c in enumerate(counts):
-        if c > target:  # a hot expert: close the experts before it, then cut it into pieces
-            if e > e0:
-                blocks.append(RowBlock(slice(r0, r1), slice(e0, e), counts_E[e0:e]))
+        if r1 > r0 and (c > target or r1 - r0 + c > target):  # expert e would overfill the open block
+            blocks.append(RowBlock(slice(r0, r1), slice(e0, e), counts_E[e0:e]))
+            e0, r0 = e, r1
+        if c > target:  # a hot expert: cut into pieces of its own
             pieces = -(-c // target)
             cuts = [r1 + p * c // pieces for p in range(pieces + 1)]
             blocks += [RowBlock(slice(a, b), slice(e, e + 1), counts_E.new_full((1,), b - a), continued=p > 0)
                        for p, (a, b) in enumerate(zip(cuts, cuts[1:]))]
-            r1 += c
-            e0, r0 = e + 1, r1
-            continue
+            e0, r0 = e + 1, r1 + c
         r1 += c
-        if r1 - r0 >= target or e == len(counts) - 1:
-            blocks.append(RowBlock(slice(r0, r1), slice(e0, e + 1), counts_E[e0:e + 1]))
-            e0, r0 = e + 1, r1
+    if r1 > r0:
+        blocks.append(RowBlock(slice(r0, r1), slice(e0, len(counts)), counts_E[e0:]))
     return blocks
 
 
@@ -81,6 +79,12 @@ def _slot_weight_grad(d_rows: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
     if dispatch.dropped > 0:  # slot M is a dropped copy: no gradient
         d_rows = torch.cat([d_rows, d_rows.new_zeros(1)])
     return d_rows[dispatch.slots].to(dispatch.slot_weights.dtype)
+
+
+def _weight_grad_buffer(w: torch.Tensor, blocks: list[RowBlock]) -> torch.Tensor:
+    """The [E, ...] weight gradient the blocks fill; zeroed only if some idle expert is in none."""
+    covered = sum(b.experts.stop - b.experts.start for b in blocks if not b.continued)
+    return torch.empty_like(w) if covered == w.shape[0] else torch.zeros_like(w)
 
 
 def _put_weight_grad(total: torch.Tensor | None, block: RowBlock, grad: torch.Tensor) -> torch.Tensor:
@@ -126,7 +130,7 @@ class _ExpertSwiGLU(torch.autograd.Function):
         dx = None if single or dispatch is None else torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         dw_gate = dw_up = dw_down = None
         if not single:
-            dw_gate, dw_up, dw_down = (torch.empty_like(w) for w in (w_gate, w_up, w_down))  # blocks cover every expert
+            dw_gate, dw_up, dw_down = (_weight_grad_buffer(w, blocks) for w in (w_gate, w_up, w_down))
         d_rows = []
         for i, b in enumerate(blocks):
             g, u = projections[2 * i], projections[2 * i + 1]

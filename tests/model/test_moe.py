@@ -112,9 +112,11 @@ def test_fused_expert_step_equals_plain_autograd(impl, with_combine, chunks, cap
         assert (a - b).abs().max() <= 1e-5 * max(1.0, float(b.abs().max())), name
 
 
-def test_experts_without_tokens(seed):
-    """Experts that receive nothing (here 0, 3, 7) are skipped cleanly and get zero gradient."""
-    moe = make_moe(seed, bias_balancing=False)
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_experts_without_tokens(chunks, seed):
+    """Experts that receive nothing (here 0, 3, 7) are skipped cleanly and get zero gradient,
+    also when the layer runs in blocks (idle experts then belong to no block)."""
+    moe = make_moe(seed, bias_balancing=False, expert_chunks=chunks)
     with torch.no_grad():
         moe.gate.weight[[0, 3, 7]] = 0.0
         moe.gate.weight[[0, 3, 7], 0] = -100.0
