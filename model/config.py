@@ -42,7 +42,8 @@ class MoEConfig:
     capacity_factor: float = 0.0
     # > 1 computes the routed experts in that many blocks of sorted rows, so the transient [M, D]
     # tensors (M = tokens * top_k) shrink by that factor: lower peak memory in training for one
-    # host sync per layer and an extra pass over the [N, D] sum per block (model/expert_ffn.py)
+    # host sync per layer and an extra pass over the [N, D] sum per block (model/expert_ffn.py);
+    # applies where gradients are recorded (training), never to inference
     expert_chunks: int = 1
 
 

@@ -140,7 +140,10 @@ class MoE(nn.Module):
         routing = self.gate_route(x_ND)
         dispatch = permute(routing, self.cfg.n_routed_experts, expert_capacity(x_ND.shape[0], self.cfg))
         if isinstance(self.experts, RoutedExperts):
-            out_ND = self.experts.combine(x_ND, dispatch, chunks=self.cfg.expert_chunks)
+            # blocks save backward's memory and cost a host sync, which inference (decode steps,
+            # CUDA-graph capture) must not pay: only where gradients are being recorded
+            chunks = self.cfg.expert_chunks if torch.is_grad_enabled() else 1
+            out_ND = self.experts.combine(x_ND, dispatch, chunks=chunks)
             shared_ND = self.shared(x_ND) if self.shared is not None else None
         else:  # experts elsewhere: the shared experts compute here while the rows travel
             in_flight = self.experts.start(x_ND[dispatch.token_index], dispatch.counts)

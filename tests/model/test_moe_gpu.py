@@ -68,17 +68,20 @@ def test_bf16_fused_layer_close_to_fp32(capacity, chunks, seed):
         assert rel(p.grad, g) <= 1e-2
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-gqa"])
-def test_cuda_graph_decode_steps_equal_eager(preset, seed):
+@pytest.mark.parametrize("preset,overrides", [("tiny", []), ("tiny-gqa", []), ("tiny", ["model.moe.expert_chunks=4"])],
+                         ids=["tiny", "tiny-gqa", "tiny-training-blocks"])
+def test_cuda_graph_decode_steps_equal_eager(preset, overrides, seed):
     """Decode steps replayed from CUDA graphs (padded batch buckets, full-length masked cache
     reads, a scratch slot for padding rows) give the eager steps' logits, bf16, while the batch
-    shrinks so rows left over from a larger step must not touch live caches."""
+    shrinks so rows left over from a larger step must not touch live caches. A model configured
+    with training-time expert blocks decodes the same (blocks, and their host sync, stay out of
+    inference)."""
     from cluster.config import load_config
     from model.attention import StepLayout
     from model.decode_graphs import DecodeGraphs
     from model.transformer import Transformer
 
-    cfg = load_config(preset).model
+    cfg = load_config(preset, overrides).model
     torch.manual_seed(seed)
     model = Transformer(cfg).cuda().to(torch.bfloat16).eval()
     graphs = DecodeGraphs(model, 8)
