@@ -20,7 +20,7 @@ from model.swiglu_kernels import HAVE_TRITON, gather_weighted_sum
 class Routing:
     weights: torch.Tensor  # [N, K] combine weights (unbiased scores)
     experts: torch.Tensor  # [N, K] chosen expert ids
-    scores: torch.Tensor  # [N, E] unbiased scores, for the auxiliary loss
+    scores: torch.Tensor | None  # [N, E] unbiased scores, for the auxiliary loss (None in fused inference)
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,28 @@ from model.dispatch import Dispatch, Routing, expert_counts, permute, unpermute
 from model.expert_ffn import expert_swiglu
 from model.grouped import grouped_mm
 from model.layers import SwiGLU
+from model.route_kernel import fused_route, fused_route_applies
 
 
 def route(logits_NE: torch.Tensor, bias_E: torch.Tensor | None, cfg: MoEConfig) -> Routing:
-    """Top-k expert choice. The balancing bias steers selection only, never the combine weights."""
+    """Top-k expert choice. The balancing bias steers selection only, never the combine weights.
+
+    On a GPU the choice is one kernel (model/route_kernel.py); in inference, without an
+    auxiliary loss, so are the weights, and the [N, E] scores are not kept."""
+    fused = fused_route_applies(logits_NE, cfg)
+    if fused and not torch.is_grad_enabled() and cfg.aux_loss_alpha == 0:
+        experts, weights = fused_route(logits_NE, bias_E, cfg, with_weights=True)
+        return Routing(weights=weights, experts=experts, scores=None)
     scores = logits_NE.float().softmax(-1) if cfg.score_func == "softmax" else logits_NE.float().sigmoid()
+    experts = fused_route(logits_NE, bias_E, cfg, with_weights=False)[0] if fused else _top_k(scores, bias_E, cfg)
+    weights = scores.gather(1, experts)
+    if cfg.norm_topk_prob and cfg.top_k > 1:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return Routing(weights=weights * cfg.routed_scaling_factor, experts=experts, scores=scores)
+
+
+def _top_k(scores: torch.Tensor, bias_E: torch.Tensor | None, cfg: MoEConfig) -> torch.Tensor:
+    """The selection rule in PyTorch ops: biased scores, best groups, then the top k within them."""
     select = scores if bias_E is None else scores + bias_E.float()
     if cfg.n_group > 1:
         N = select.shape[0]
@@ -40,11 +57,7 @@ def route(logits_NE: torch.Tensor, bias_E: torch.Tensor | None, cfg: MoEConfig) 
         group_mask = torch.ones(N, cfg.n_group, dtype=torch.bool, device=select.device)
         group_mask.scatter_(1, keep_groups, False)
         select = grouped.masked_fill(group_mask[:, :, None], float("-inf")).view(N, -1)
-    experts = select.topk(cfg.top_k, dim=-1).indices
-    weights = scores.gather(1, experts)
-    if cfg.norm_topk_prob and cfg.top_k > 1:
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return Routing(weights=weights * cfg.routed_scaling_factor, experts=experts, scores=scores)
+    return select.topk(cfg.top_k, dim=-1).indices
 
 
 def expert_capacity(n_tokens: int, cfg: MoEConfig) -> int | None:

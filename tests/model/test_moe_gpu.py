@@ -102,3 +102,55 @@ def test_cuda_graph_decode_steps_equal_eager(preset, overrides, seed):
             at = torch.zeros(B, dtype=torch.long, device="cuda")
             assert rel(graphs(tokens, layout, graphs.slot_caches, at), model(tokens, layout, eager_caches, at)) <= 2e-2
     assert sorted(graphs.graphs) == [1, 2, 4, 8]
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(n_routed_experts=64, top_k=6, score_func="softmax", norm_topk_prob=False),
+    dict(n_routed_experts=256, top_k=8, score_func="sigmoid", n_group=8, topk_group=4, group_score="top2_sum",
+         routed_scaling_factor=2.5),
+    dict(n_routed_experts=64, top_k=4, score_func="softmax", n_group=8, topk_group=3, group_score="max"),
+    dict(n_routed_experts=60, top_k=1, score_func="sigmoid"),
+], ids=["v2-lite", "v3", "grouped-max", "60-experts-top1"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_route_kernel_equals_torch_rule(overrides, with_bias, seed):
+    """The one-kernel routing (model/route_kernel.py) picks the experts and weights of the PyTorch
+    rule, in inference (weights from the kernel) and under autograd (weights from PyTorch's scores,
+    gradient reaching the logits). A row may differ only where the rule itself is tied: the k-th
+    and (k+1)-th selection scores, or the kept and next group's scores, within 1e-5."""
+    from model.moe import _top_k
+    from model.route_kernel import fused_route_applies
+
+    cfg = MoEConfig(**overrides)
+    E, K = cfg.n_routed_experts, cfg.top_k
+    logits = torch.randn(4096, E, device="cuda")
+    bias = 0.05 * torch.randn(E, device="cuda") if with_bias else None
+    assert fused_route_applies(logits, cfg)
+    scores = logits.softmax(-1) if cfg.score_func == "softmax" else logits.sigmoid()
+    expected_experts = _top_k(scores, bias, cfg)
+    expected = route(logits.cpu(), None if bias is None else bias.cpu(), cfg)  # the CPU path is the definition
+
+    select = scores if bias is None else scores + bias
+    margin = select.sort(-1, descending=True).values
+    tied = (margin[:, K - 1] - margin[:, K]).abs() < 1e-5 if K < E else torch.zeros(4096, dtype=torch.bool, device="cuda")
+    if cfg.n_group > 1:
+        grouped = select.view(4096, cfg.n_group, -1)
+        g = grouped.amax(-1) if cfg.group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
+        g = g.sort(-1, descending=True).values
+        tied |= (g[:, cfg.topk_group - 1] - g[:, cfg.topk_group]).abs() < 1e-5
+
+    with torch.no_grad():
+        fused = route(logits, bias, cfg)
+    assert fused.scores is None
+    differ = (fused.experts.sort(-1).values != expected_experts.sort(-1).values).any(-1)
+    assert not (differ & ~tied).any(), "experts differ on rows whose routing is not tied"
+    same = ~differ.cpu()
+    assert torch.equal(fused.experts.cpu()[same], expected.experts[same])
+    assert (fused.weights.cpu()[same] - expected.weights[same]).abs().max() <= 1e-5
+
+    live = logits.clone().requires_grad_()
+    trained = route(live, bias, cfg)
+    assert trained.scores is not None
+    differ = (trained.experts != expected_experts).any(-1)
+    assert not (differ & ~tied).any()
+    trained.weights.sum().backward()
+    assert live.grad is not None and live.grad.abs().sum() > 0
