@@ -143,7 +143,7 @@ def test_fused_route_kernel_equals_torch_rule(overrides, with_bias, seed):
     assert fused.scores is None
     differ = (fused.experts.sort(-1).values != expected_experts.sort(-1).values).any(-1)
     assert not (differ & ~tied).any(), "experts differ on rows whose routing is not tied"
-    same = ~differ.cpu()
+    same = (~differ & ~tied).cpu()  # the CPU rule may break a tie the other way
     assert torch.equal(fused.experts.cpu()[same], expected.experts[same])
     assert (fused.weights.cpu()[same] - expected.weights[same]).abs().max() <= 1e-5
 
