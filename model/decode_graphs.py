@@ -3,9 +3,11 @@
 A decode step of a small model is host-bound: Python and kernel launches cost ~10x the GPU
 work (benchmarks/RESULTS.md). A CUDA graph records every kernel of one step once and replays
 them with a single launch. That needs static shapes and no device->host reads inside the step,
-so a graph exists per batch-size bucket (rows padded up to it), the layout says on the host
-that every token is real, and attention reads the whole cache length under the causal mask.
-Padding rows write into a scratch cache slot nobody owns. Steps that are not pure decode
+so a graph exists per batch-size bucket (rows padded up to it) and per cache-length bucket
+(attention reads the cache up to the bucket's length under the causal mask: a power of two at
+least the batch's longest sequence, so short contexts do not pay for the whole cache), and the
+layout says on the host that every token is real. Padding rows write into a scratch cache slot
+nobody owns. Steps that are not pure decode
 (prefills, mixed steps, batches over the largest bucket) run eagerly, unchanged.
 """
 
@@ -22,14 +24,17 @@ class DecodeGraphs:
 
     Owns the KV caches (`slot_caches`, n_slots usable slots, plus one scratch slot behind them)."""
 
-    def __init__(self, model: Transformer, n_slots: int, buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)):
+    def __init__(self, model: Transformer, n_slots: int, buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128),
+                 kv_buckets: tuple[int, ...] = tuple(2**i for i in range(7, 18))):
         self.model = model
         self.max_len = model.cfg.max_seq_len
         self.caches = model.new_cache(n_slots + 1)
         self.slot_caches: list[KVCache] = [{k: v[:n_slots] for k, v in c.items()} for c in self.caches]
         self.n_slots = self.scratch = n_slots
         self.buckets = sorted({min(b, n_slots) for b in buckets})
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
+        self.kv_buckets = sorted({min(b, self.max_len) for b in kv_buckets} | {self.max_len})
+        # (batch bucket, cache-length bucket) -> graph and its static inputs/outputs
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
     def __call__(self, tokens: torch.Tensor, layout: StepLayout, caches: list[KVCache],
@@ -38,7 +43,8 @@ class DecodeGraphs:
         if T != 1 or not layout.all_real or B > self.buckets[-1]:
             return self.model(tokens, layout, self.caches, logits_at)
         bucket = next(b for b in self.buckets if b >= B)
-        graph, io = self.graphs.get(bucket) or self._capture(bucket)
+        kv_len = next(k for k in self.kv_buckets if k >= (layout.kv_len or self.max_len))
+        graph, io = self.graphs.get((bucket, kv_len)) or self._capture(bucket, kv_len)
         io["tokens"][:B].copy_(tokens)
         io["positions"][:B].copy_(layout.positions)
         io["slots"][:B].copy_(layout.slots)
@@ -47,7 +53,7 @@ class DecodeGraphs:
         return io["logits"][:B]
 
     @torch.no_grad()
-    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]:
+    def _capture(self, bucket: int, kv_len: int) -> tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]:
         device = self.model.embed.weight.device
         io = {"tokens": torch.zeros(bucket, 1, dtype=torch.long, device=device),
               "positions": torch.zeros(bucket, 1, dtype=torch.long, device=device),
@@ -55,7 +61,7 @@ class DecodeGraphs:
 
         def step() -> torch.Tensor:
             layout = StepLayout(positions=io["positions"], lengths=torch.ones_like(io["slots"]), slots=io["slots"],
-                                all_real=True, kv_len=self.max_len)
+                                all_real=True, kv_len=kv_len)
             return self.model(io["tokens"], layout, self.caches, torch.zeros_like(io["slots"]))
 
         side = torch.cuda.Stream(device)
@@ -67,5 +73,5 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             io["logits"] = step()
-        self.graphs[bucket] = (graph, io)
+        self.graphs[(bucket, kv_len)] = (graph, io)
         return graph, io

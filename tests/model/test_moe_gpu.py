@@ -73,7 +73,8 @@ def test_bf16_fused_layer_close_to_fp32(capacity, chunks, seed):
 def test_cuda_graph_decode_steps_equal_eager(preset, overrides, seed):
     """Decode steps replayed from CUDA graphs (padded batch buckets, full-length masked cache
     reads, a scratch slot for padding rows) give the eager steps' logits, bf16, while the batch
-    shrinks so rows left over from a larger step must not touch live caches. A model configured
+    shrinks so rows left over from a larger step must not touch live caches, and as the longest
+    sequence in the batch moves between cache-length buckets. A model configured
     with training-time expert blocks decodes the same (blocks, and their host sync, stay out of
     inference)."""
     from cluster.config import load_config
@@ -86,7 +87,7 @@ def test_cuda_graph_decode_steps_equal_eager(preset, overrides, seed):
     model = Transformer(cfg).cuda().to(torch.bfloat16).eval()
     graphs = DecodeGraphs(model, 8)
     eager_caches = model.new_cache(8)
-    lengths = [3, 9, 5, 12, 7]
+    lengths = [3, 9, 5, 130, 7]  # sequence 3 puts steps with it in the 256-entry cache bucket
     gen = torch.Generator(device="cuda").manual_seed(seed)
     with torch.no_grad():
         for i, n in enumerate(lengths):  # the same eager prefill into both cache sets
@@ -101,7 +102,7 @@ def test_cuda_graph_decode_steps_equal_eager(preset, overrides, seed):
                                       all_real=True, kv_len=int(pos.max()) + 1)
             at = torch.zeros(B, dtype=torch.long, device="cuda")
             assert rel(graphs(tokens, layout, graphs.slot_caches, at), model(tokens, layout, eager_caches, at)) <= 2e-2
-    assert sorted(graphs.graphs) == [1, 2, 4, 8]
+    assert sorted(graphs.graphs) == [(1, 128), (2, 128), (4, 128), (4, 256), (8, 256)]
 
 
 @pytest.mark.parametrize("overrides", [
