@@ -71,7 +71,7 @@ def test_bf16_fused_layer_close_to_fp32(capacity, chunks, seed):
 @pytest.mark.parametrize("preset,overrides", [("tiny", []), ("tiny-gqa", []), ("tiny", ["model.moe.expert_chunks=4"])],
                          ids=["tiny", "tiny-gqa", "tiny-training-blocks"])
 def test_cuda_graph_decode_steps_equal_eager(preset, overrides, seed):
-    """Decode steps replayed from CUDA graphs (padded batch buckets, full-length masked cache
+    """Decode steps replayed from CUDA graphs (padded batch buckets, bucketed masked cache
     reads, a scratch slot for padding rows) give the eager steps' logits, bf16, while the batch
     shrinks so rows left over from a larger step must not touch live caches, and as the longest
     sequence in the batch moves between cache-length buckets. A model configured
