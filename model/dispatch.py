@@ -30,6 +30,7 @@ class Dispatch:
     token_index: torch.Tensor  # [M] source token of each sorted row
     weights: torch.Tensor  # [M] combine weight of each sorted row
     counts: torch.Tensor  # [E] rows per expert after any capacity drop
+    routed_counts: torch.Tensor  # [E] copies the routing sent each expert (the load, before any drop)
     dropped: int  # (token, expert) pairs dropped by the capacity limit
     slots: torch.Tensor  # [N, K] sorted row of each token's k-th choice; a dropped one points at row M
     slot_weights: torch.Tensor  # [N, K] combine weights in token order (the routing's, gradients flow)
@@ -59,7 +60,7 @@ def permute(routing: Routing, n_experts: int, capacity: int | None = None) -> Di
     N, K = routing.experts.shape
     flat_experts = routing.experts.reshape(-1)
     order = torch.argsort(_narrow_sort_key(flat_experts, n_experts), stable=True)
-    counts = expert_counts(flat_experts, n_experts)
+    counts = routed = expert_counts(flat_experts, n_experts)
     positions = torch.arange(order.numel(), device=order.device)
     row_of_pair = torch.empty_like(order).index_copy_(0, order, positions)
     token_index = order // K
@@ -73,7 +74,7 @@ def permute(routing: Routing, n_experts: int, capacity: int | None = None) -> Di
         row_of_pair = torch.where(keep, torch.cumsum(keep, 0) - 1, n_kept)[row_of_pair]
         token_index, weights = token_index[keep], weights[keep]
         counts = counts.clamp(max=capacity)
-    return Dispatch(token_index=token_index, weights=weights, counts=counts, dropped=dropped,
+    return Dispatch(token_index=token_index, weights=weights, counts=counts, routed_counts=routed, dropped=dropped,
                     slots=row_of_pair.view(N, K), slot_weights=routing.weights)
 
 

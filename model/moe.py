@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import MoEConfig
-from model.dispatch import Dispatch, Routing, expert_counts, permute, unpermute
+from model.dispatch import Dispatch, Routing, permute, unpermute
 from model.expert_ffn import expert_swiglu
 from model.grouped import grouped_mm
 from model.layers import SwiGLU
@@ -136,22 +136,22 @@ class MoE(nn.Module):
         self.register_buffer("last_load", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
         self.register_buffer("pending_load", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
 
-    def gate_route(self, x_ND: torch.Tensor) -> Routing:
-        """Route tokens and record the per-expert load of this forward."""
+    def gate_route(self, x_ND: torch.Tensor) -> tuple[Routing, Dispatch]:
+        """Route and permute the tokens, and record the per-expert load of this forward (the
+        permutation's own counts: one count per layer, not two)."""
         bias = self.expert_bias if self.cfg.bias_balancing else None
         routing = route(self.gate(x_ND), bias, self.cfg)
-        load = expert_counts(routing.experts, self.cfg.n_routed_experts)
-        self.last_load.copy_(load)
+        dispatch = permute(routing, self.cfg.n_routed_experts, expert_capacity(x_ND.shape[0], self.cfg))
+        self.last_load.copy_(dispatch.routed_counts)
         if self.training:
-            self.pending_load += load
-        return routing
+            self.pending_load += dispatch.routed_counts
+        return routing, dispatch
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, T, D]; valid [B, T] marks real tokens (padding skips the experts). Returns (out, aux_loss)."""
         B, T, D = x.shape
         x_ND = x.reshape(-1, D) if valid is None else x[valid]
-        routing = self.gate_route(x_ND)
-        dispatch = permute(routing, self.cfg.n_routed_experts, expert_capacity(x_ND.shape[0], self.cfg))
+        routing, dispatch = self.gate_route(x_ND)
         if isinstance(self.experts, RoutedExperts):
             # blocks save backward's memory and cost a host sync, which inference (decode steps,
             # CUDA-graph capture) must not pay: only where gradients are being recorded
