@@ -100,11 +100,51 @@ def slot_sum(rows_MD: torch.Tensor, slots_NK: torch.Tensor, weights_NK: torch.Te
     return torch.bmm(weights_NK.to(rows_MD.dtype).unsqueeze(1), gathered).squeeze(1)
 
 
-def slot_sum_into(out_ND: torch.Tensor, rows_mD: torch.Tensor, row0: int, slots_NK: torch.Tensor,
-                  weights_NK: torch.Tensor | None) -> None:
-    """out += `slot_sum` restricted to the block of sorted rows [row0, row0 + m) (no autograd):
-    the chunked expert step combines each block as soon as it is computed, so the [M, D] rows of
-    every block never exist at once. `out_ND` is fp32, so the blocks add up without rounding."""
+class BlockSum:
+    """Each token's weighted sum of its rows [N, D], added block of sorted rows by block in fp32
+    (the chunked expert step combines each block as soon as it is computed, so the [M, D] rows of
+    every block never exist at once) and handed back in the rows' dtype.
+
+    Rounding the fp32 sum into a separate result at the end would hold both at once, which was
+    the chunked step's memory peak. Instead a 2-byte result's own storage holds fp32 for its
+    first half of the tokens, which add up there; the rest add up in an fp32 tensor of their
+    own. `result()` narrows the first half in place, front to back in doubling steps (each step
+    writes only bytes whose fp32 values an earlier step already read), then copies the rest in
+    after it: the peak is the fp32 sum's bytes alone."""
+
+    def __init__(self, n: int, d: int, dtype: torch.dtype, device: torch.device):
+        self.out = torch.empty(n, d, dtype=dtype, device=device)
+        if self.out.element_size() == 2 and d % 2 == 0:
+            n_front = n // 2
+            front = self.out.view(torch.float32).view(-1)[:n_front * d].view(n_front, d)
+            self.parts = [(0, front.zero_()), (n_front, torch.zeros(n - n_front, d, device=device))]
+        else:
+            self.parts = [(0, self.out.zero_() if dtype == torch.float32 else torch.zeros(n, d, device=device))]
+
+    def add(self, rows_mD: torch.Tensor, row0: int, slots_NK: torch.Tensor, weights_NK: torch.Tensor | None) -> None:
+        """Adds the tokens' rows among sorted rows [row0, row0 + m)."""
+        for t0, part in self.parts:
+            t1 = t0 + part.shape[0]
+            _slot_sum_into(part, rows_mD, row0, slots_NK[t0:t1], None if weights_NK is None else weights_NK[t0:t1])
+
+    def result(self) -> torch.Tensor:
+        if len(self.parts) == 1:
+            return self.parts[0][1].to(self.out.dtype)  # no copy when the sum is the result
+        (_, front), (n_front, back) = self.parts
+        done = min(n_front, 64)
+        self.out[:done].copy_(front[:done].to(self.out.dtype))  # these rows overlap their own fp32 source
+        while done < n_front:
+            stop = min(2 * done, n_front)  # writes bytes [2d done, 2d stop), reads from 4d done: disjoint
+            self.out[done:stop].copy_(front[done:stop])
+            done = stop
+        self.out[n_front:].copy_(back)
+        self.parts = []
+        return self.out
+
+
+def _slot_sum_into(out_ND: torch.Tensor, rows_mD: torch.Tensor, row0: int, slots_NK: torch.Tensor,
+                   weights_NK: torch.Tensor | None) -> None:
+    """out += `slot_sum` restricted to the block of sorted rows [row0, row0 + m), no autograd."""
     if rows_mD.shape[0] == 0:
         return
     if rows_mD.is_cuda and HAVE_TRITON:

@@ -6,7 +6,9 @@ alive until backward; with top-6 of 64 experts that is several times the layer's
 forward keeps the layer input and the two projections g = x W_gate, u = x W_up, and backward
 re-derives the rest: the gathered rows by the same gather, silu(g) * u elementwise, and the
 combine weights' gradient from dz = dout W_down^T, which backward computes anyway, because
-<dout, h W_down> = <dout W_down^T, h>. No output row [M, D] is ever kept.
+<dout, h W_down> = <dout W_down^T, h>. No output row [M, D] is ever kept, and backward writes
+its [M, F] gradients over the saved projections (so it runs once per forward: retain_graph
+gets a clear error instead of wrong values).
 
 With a `Dispatch` the function also gathers its input rows from the tokens and sums each
 token's weighted outputs (the single-process MoE layer); without it, it maps rows to rows (an
@@ -18,7 +20,7 @@ walks the sorted rows in about that many blocks of whole experts instead (a hot 
 more rows than a block's share is cut into pieces) and combines each block into an fp32 sum
 as soon as it is computed, so only about [M / chunks, D] exists at a time. The price: one host
 read of the expert counts per layer (to cut the blocks), a read-modify-write of the [N, D] sum
-per block, and each block's weight gradients [~E / chunks, D, F] made apart and then copied
+per block, and each block's weight gradients made a few experts at a time and then copied
 into place.
 """
 
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.dispatch import Dispatch, slot_sum, slot_sum_into
+from model.dispatch import BlockSum, Dispatch, slot_sum
 from model.grouped import grouped_mm, grouped_mm_weight_grad
 from model.swiglu_kernels import swiglu, swiglu_backward
 
@@ -37,12 +39,14 @@ from model.swiglu_kernels import swiglu, swiglu_backward
 class RowBlock:
     """Sorted rows [rows.start, rows.stop) of the experts in `experts`, `counts` rows each. A hot
     expert's rows may be cut into several one-expert blocks; all but the first are `continued`
-    (their weight gradient adds to the one before)."""
+    (their weight gradient adds to the one before). `host_counts` repeats `counts` on the host
+    where the blocks were cut from them (empty for the one block of the sync-free path)."""
 
     rows: slice
     experts: slice
     counts: torch.Tensor | None
     continued: bool = False
+    host_counts: tuple[int, ...] = ()
 
 
 def row_blocks(counts_E: torch.Tensor | None, chunks: int) -> list[RowBlock]:
@@ -56,17 +60,17 @@ def row_blocks(counts_E: torch.Tensor | None, chunks: int) -> list[RowBlock]:
     blocks, e0, r0, r1 = [], 0, 0, 0
     for e, c in enumerate(counts):
         if r1 > r0 and (c > target or r1 - r0 + c > target):  # expert e would overfill the open block
-            blocks.append(RowBlock(slice(r0, r1), slice(e0, e), counts_E[e0:e]))
+            blocks.append(RowBlock(slice(r0, r1), slice(e0, e), counts_E[e0:e], host_counts=tuple(counts[e0:e])))
             e0, r0 = e, r1
         if c > target:  # a hot expert: cut into pieces of its own
             pieces = -(-c // target)
             cuts = [r1 + p * c // pieces for p in range(pieces + 1)]
-            blocks += [RowBlock(slice(a, b), slice(e, e + 1), counts_E.new_full((1,), b - a), continued=p > 0)
+            blocks += [RowBlock(slice(a, b), slice(e, e + 1), counts_E.new_full((1,), b - a), p > 0, (b - a,))
                        for p, (a, b) in enumerate(zip(cuts, cuts[1:]))]
             e0, r0 = e + 1, r1 + c
         r1 += c
     if r1 > r0:
-        blocks.append(RowBlock(slice(r0, r1), slice(e0, len(counts)), counts_E[e0:]))
+        blocks.append(RowBlock(slice(r0, r1), slice(e0, len(counts)), counts_E[e0:], host_counts=tuple(counts[e0:])))
     return blocks
 
 
@@ -87,14 +91,36 @@ def _weight_grad_buffer(w: torch.Tensor, blocks: list[RowBlock]) -> torch.Tensor
     return torch.empty_like(w) if covered == w.shape[0] else torch.zeros_like(w)
 
 
-def _put_weight_grad(total: torch.Tensor | None, block: RowBlock, grad: torch.Tensor) -> torch.Tensor:
-    """One block's experts' weight gradients into the [E, ...] total; the only block's is the total."""
+def _expert_groups(block: RowBlock, grad_shape: torch.Size) -> list[tuple[slice, slice]]:
+    """(experts, rows within the block) of runs of the block's experts whose weight gradients
+    [K, N] each together take at most a quarter of the bytes of the block's wide operand
+    [rows, max(K, N)]: `torch._grouped_mm` has no `out=`, so each group's gradient is made apart
+    and then copied into place, and at the V3 shape (7168 x 2048) a whole block's would be as
+    large as its rows, which are alive at the same time."""
+    size = max(1, sum(block.host_counts) // (4 * min(grad_shape)))
+    groups, row, first = [], 0, block.experts.start
+    for i in range(0, len(block.host_counts), size):
+        rows = sum(block.host_counts[i:i + size])
+        n = len(block.host_counts[i:i + size])
+        groups.append((slice(first + i, first + i + n), slice(row, row + rows)))
+        row += rows
+    return groups
+
+
+def _weight_grad(total: torch.Tensor | None, block: RowBlock, a_rows: torch.Tensor, b_rows: torch.Tensor,
+                 impl: str) -> torch.Tensor:
+    """A block's experts' weight gradients a^T b, written into the [E, K, N] total group by group
+    (a cut expert's pieces add up); the only block's is the total itself."""
     if total is None:
-        return grad
-    if block.continued:
-        total[block.experts] += grad
-    else:
-        total[block.experts] = grad
+        return grouped_mm_weight_grad(a_rows, b_rows, block.counts, impl)
+    e0 = block.experts.start
+    for experts, rows in _expert_groups(block, total.shape[-2:]):
+        grad = grouped_mm_weight_grad(a_rows[rows], b_rows[rows], block.counts[experts.start - e0:experts.stop - e0], impl)
+        if block.continued:
+            total[experts] += grad
+        else:
+            total[experts].copy_(grad)
+        del grad  # before the next group's is made
     return total
 
 
@@ -102,7 +128,7 @@ class _ExpertSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_gate, w_up, w_down, slot_weights, dispatch, blocks, impl):
         single = len(blocks) == 1
-        out = None if single else torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        out = None if single else BlockSum(*x.shape, x.dtype, x.device)
         projections = []
         for b in blocks:
             x_b = _block_rows(x, dispatch, b)
@@ -115,19 +141,23 @@ class _ExpertSwiGLU(torch.autograd.Function):
             elif single:
                 out = slot_sum(y, dispatch.slots, slot_weights, dispatch.dropped > 0)
             else:
-                slot_sum_into(out, y, b.rows.start, dispatch.slots, slot_weights)
+                out.add(y, b.rows.start, dispatch.slots, slot_weights)
             projections += [g, u]
         ctx.save_for_backward(x, w_gate, w_up, w_down, *projections)
-        ctx.dispatch, ctx.blocks, ctx.impl = dispatch, blocks, impl
-        return out if single else out.to(x.dtype)
+        ctx.dispatch, ctx.blocks, ctx.impl, ctx.consumed = dispatch, blocks, impl, False
+        return out if single else out.result()
 
     @staticmethod
     def backward(ctx, dout):
+        if ctx.consumed:
+            raise RuntimeError("the expert step runs backward once per forward: its backward overwrites the saved "
+                               "projections (model/expert_ffn.py), so retain_graph cannot reuse them")
+        ctx.consumed = True
         x, w_gate, w_up, w_down, *projections = ctx.saved_tensors
         dispatch, blocks, impl = ctx.dispatch, ctx.blocks, ctx.impl
         single = len(blocks) == 1
         dout = dout.contiguous()
-        dx = None if single or dispatch is None else torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        dx = None if single or dispatch is None else BlockSum(*x.shape, x.dtype, x.device)
         dw_gate = dw_up = dw_down = None
         if not single:
             dw_gate, dw_up, dw_down = (_weight_grad_buffer(w, blocks) for w in (w_gate, w_up, w_down))
@@ -141,11 +171,11 @@ class _ExpertSwiGLU(torch.autograd.Function):
             if row_weights is not None:  # dy_b is this function's own gather: scale it in place
                 dy_b.mul_(row_weights[:, None].to(dy_b.dtype))
                 d_rows.append(d_rows_b)
-            dw_down = _put_weight_grad(dw_down, b, grouped_mm_weight_grad(h, dy_b, b.counts, impl))
+            dw_down = _weight_grad(dw_down, b, h, dy_b, impl)
             del h, dy_b
             x_b = _block_rows(x, dispatch, b)
-            dw_gate = _put_weight_grad(dw_gate, b, grouped_mm_weight_grad(x_b, dg, b.counts, impl))
-            dw_up = _put_weight_grad(dw_up, b, grouped_mm_weight_grad(x_b, du, b.counts, impl))
+            dw_gate = _weight_grad(dw_gate, b, x_b, dg, impl)
+            dw_up = _weight_grad(dw_up, b, x_b, du, impl)
             del x_b
             # reduce each [M, D] product to tokens before making the next: one [M, D] alive at a time
             for d_proj, w in ((dg, w_gate), (du, w_up)):
@@ -156,12 +186,12 @@ class _ExpertSwiGLU(torch.autograd.Function):
                     dx_b = slot_sum(dx_rows, dispatch.slots, None, dispatch.dropped > 0)
                     dx = dx_b if dx is None else dx.add_(dx_b)
                 else:
-                    slot_sum_into(dx, dx_rows, b.rows.start, dispatch.slots, None)
+                    dx.add(dx_rows, b.rows.start, dispatch.slots, None)
                 del dx_rows
         d_slot_weights = None
         if dispatch is not None and ctx.needs_input_grad[4]:
             d_slot_weights = _slot_weight_grad(torch.cat(d_rows), dispatch)
-        dx = dx if single or dispatch is None else dx.to(x.dtype)
+        dx = dx if single or dispatch is None else dx.result()
         return dx, dw_gate, dw_up, dw_down, d_slot_weights, None, None, None
 
 

@@ -153,11 +153,13 @@ class MoE(nn.Module):
         x_ND = x.reshape(-1, D) if valid is None else x[valid]
         routing, dispatch = self.gate_route(x_ND)
         if isinstance(self.experts, RoutedExperts):
+            # shared experts first: autograd runs the later-recorded node's backward first, so the
+            # routed step (backward's memory peak) runs before the shared branch's [N, D] gradient exists
+            shared_ND = self.shared(x_ND) if self.shared is not None else None
             # blocks save backward's memory and cost a host sync, which inference (decode steps,
             # CUDA-graph capture) must not pay: only where gradients are being recorded
             chunks = self.cfg.expert_chunks if torch.is_grad_enabled() else 1
             out_ND = self.experts.combine(x_ND, dispatch, chunks=chunks)
-            shared_ND = self.shared(x_ND) if self.shared is not None else None
         else:  # experts elsewhere: the shared experts compute here while the rows travel
             in_flight = self.experts.start(x_ND[dispatch.token_index], dispatch.counts)
             shared_ND = self.shared(x_ND) if self.shared is not None else None

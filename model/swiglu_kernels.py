@@ -35,10 +35,11 @@ def swiglu_backward(dz: torch.Tensor, g: torch.Tensor, u: torch.Tensor, row_weig
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Given dz = d(loss)/d(h) before each row's combine weight w, returns (dg, du, h, d_w):
     the gradients of g and u (times w), h = silu(g) * u recomputed, and d_w = <dz, h> per row
-    (None without row weights). dz's storage is reused for dg."""
-    if _use_triton(dz):
+    (None without row weights). All three inputs are consumed: on the GPU dz's storage becomes
+    dg, u's du and g's h, so backward makes no [rows, F] tensor of its own."""
+    if _use_triton(dz) and g.is_contiguous() and u.is_contiguous():
         M, F_ = dz.shape
-        du, h = torch.empty_like(dz), torch.empty_like(dz)
+        du, h = u, g  # each element is read before it is overwritten, by the same program
         d_w = torch.empty(M, dtype=torch.float32, device=dz.device) if row_weights is not None else None
         if M:
             _swiglu_bwd_kernel[(M,)](dz, g, u, h, du, row_weights if row_weights is not None else dz, d_w if d_w is not None else dz,

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import MoEConfig
+from model.dispatch import BlockSum
 from model.layers import SwiGLU
 from model.moe import MoE, Routing, permute, route, sequence_balance_loss, unpermute
 
@@ -73,17 +74,19 @@ def test_grouped_experts_equal_per_expert_loop(impl, overrides, seed):
 
 
 @pytest.mark.parametrize("impl", ["native", "loop"])
-@pytest.mark.parametrize("with_combine,chunks,capacity,hot", [
-    (True, 1, None, False), (False, 1, None, False), (True, 4, None, False), (True, 20, 12, False),
-    (True, 4, None, True),
-], ids=["tokens", "rows", "tokens-4-blocks", "tokens-1-expert-blocks-capacity", "tokens-4-blocks-hot-expert-cut"])
-def test_fused_expert_step_equals_plain_autograd(impl, with_combine, chunks, capacity, hot, seed):
+@pytest.mark.parametrize("with_combine,chunks,capacity,hot,inter_dim", [
+    (True, 1, None, False, 24), (False, 1, None, False, 24), (True, 4, None, False, 24), (True, 20, 12, False, 24),
+    (True, 4, None, True, 24), (True, 2, None, False, 4),
+], ids=["tokens", "rows", "tokens-4-blocks", "tokens-1-expert-blocks-capacity", "tokens-4-blocks-hot-expert-cut",
+        "tokens-2-blocks-weight-grads-by-expert-groups"])
+def test_fused_expert_step_equals_plain_autograd(impl, with_combine, chunks, capacity, hot, inter_dim, seed):
     """The memory-saving autograd function (model/expert_ffn.py) gives the plain composition's
     output and every gradient: input, the three expert stacks and, through the combine weights,
     the gate; with an idle expert and fresh random inputs. In blocks of whole experts (down to one
-    expert a block, the idle one included), with a hot expert cut across blocks, and with copies
-    dropped by a capacity, too."""
-    moe = make_moe(seed, top_k=3)
+    expert a block, the idle one included), with a hot expert cut across blocks, with copies
+    dropped by a capacity, and with narrow experts, whose blocks write their weight gradients
+    several experts at a time (model.expert_ffn._expert_groups)."""
+    moe = make_moe(seed, top_k=3, moe_inter_dim=inter_dim)
     with torch.no_grad():
         moe.gate.weight[5] = -10.0 * moe.gate.weight[5].sign()  # expert 5 gets few or no tokens
     x = torch.randn(37, 32, requires_grad=True)
@@ -208,3 +211,32 @@ def test_dense_swiglu_equals_plain_autograd(seed):
     params = [x, ffn.w_gate.weight, ffn.w_up.weight, ffn.w_down.weight]
     for a, b in zip(torch.autograd.grad((out * g).sum(), params), torch.autograd.grad((plain * g).sum(), params)):
         assert (a - b).abs().max() <= 1e-5 * max(1.0, float(b.abs().max()))
+
+
+def test_expert_step_refuses_a_second_backward(seed):
+    """Backward overwrites the saved projections with their gradients, so backward through the
+    same forward again (retain_graph) must fail loudly rather than return wrong gradients."""
+    moe = make_moe(seed)
+    x = torch.randn(1, 9, 32, requires_grad=True)
+    out, _ = moe(x)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward once per forward"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("n,d", [(301, 6), (40, 5), (1, 8)], ids=["in-place", "odd-width", "one-token"])
+def test_block_sum_equals_one_fp32_sum_rounded_once(n, d, seed):
+    """The chunked step's per-token sum, added block by block and narrowed to bf16 partly inside
+    its own storage (model.dispatch.BlockSum), equals the fp32 sum rounded once, bit for bit:
+    the in-place narrowing overwrites nothing it has not read yet."""
+    k, m = 3, 5 * n
+    rows, slots, weights = torch.randn(m, d), torch.randint(0, m, (n, k)), torch.rand(n, k)
+    narrowed, fp32 = (BlockSum(n, d, dtype, torch.device("cpu")) for dtype in (torch.bfloat16, torch.float32))
+    for r0 in range(0, m, 97):
+        for total in (narrowed, fp32):
+            total.add(rows[r0:r0 + 97], r0, slots, weights)
+    expected = fp32.result()
+    assert torch.allclose(expected, (weights[..., None] * rows[slots]).sum(1), atol=1e-5)
+    result = narrowed.result()
+    assert result.dtype == torch.bfloat16 and result.shape == (n, d)
+    assert torch.equal(result, expected.to(torch.bfloat16))
