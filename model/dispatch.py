@@ -131,7 +131,7 @@ class BlockSum:
         if len(self.parts) == 1:
             return self.parts[0][1].to(self.out.dtype)  # no copy when the sum is the result
         (_, front), (n_front, back) = self.parts
-        done = min(n_front, 64)
+        done = min(n_front, max(64, n_front // 16))  # a few doubling steps after a small first one
         self.out[:done].copy_(front[:done].to(self.out.dtype))  # these rows overlap their own fp32 source
         while done < n_front:
             stop = min(2 * done, n_front)  # writes bytes [2d done, 2d stop), reads from 4d done: disjoint

@@ -93,11 +93,12 @@ def _weight_grad_buffer(w: torch.Tensor, blocks: list[RowBlock]) -> torch.Tensor
 
 def _expert_groups(block: RowBlock, grad_shape: torch.Size) -> list[tuple[slice, slice]]:
     """(experts, rows within the block) of runs of the block's experts whose weight gradients
-    [K, N] each together take at most a quarter of the bytes of the block's wide operand
+    [K, N] each together take at most half the bytes of the block's wide operand
     [rows, max(K, N)]: `torch._grouped_mm` has no `out=`, so each group's gradient is made apart
     and then copied into place, and at the V3 shape (7168 x 2048) a whole block's would be as
-    large as its rows, which are alive at the same time."""
-    size = max(1, sum(block.host_counts) // (4 * min(grad_shape)))
+    large as its rows, which are alive at the same time. Smaller groups save little more and
+    cost launches: at the V2-Lite shape a quarter made the blocked backward host-bound."""
+    size = max(1, sum(block.host_counts) // (2 * min(grad_shape)))
     groups, row, first = [], 0, block.experts.start
     for i in range(0, len(block.host_counts), size):
         rows = sum(block.host_counts[i:i + size])

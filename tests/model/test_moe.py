@@ -76,7 +76,7 @@ def test_grouped_experts_equal_per_expert_loop(impl, overrides, seed):
 @pytest.mark.parametrize("impl", ["native", "loop"])
 @pytest.mark.parametrize("with_combine,chunks,capacity,hot,inter_dim", [
     (True, 1, None, False, 24), (False, 1, None, False, 24), (True, 4, None, False, 24), (True, 20, 12, False, 24),
-    (True, 4, None, True, 24), (True, 2, None, False, 4),
+    (True, 4, None, True, 24), (True, 2, None, False, 8),
 ], ids=["tokens", "rows", "tokens-4-blocks", "tokens-1-expert-blocks-capacity", "tokens-4-blocks-hot-expert-cut",
         "tokens-2-blocks-weight-grads-by-expert-groups"])
 def test_fused_expert_step_equals_plain_autograd(impl, with_combine, chunks, capacity, hot, inter_dim, seed):
@@ -224,7 +224,7 @@ def test_expert_step_refuses_a_second_backward(seed):
         out.sum().backward()
 
 
-@pytest.mark.parametrize("n,d", [(301, 6), (40, 5), (1, 8)], ids=["in-place", "odd-width", "one-token"])
+@pytest.mark.parametrize("n,d", [(3001, 6), (40, 5), (1, 8)], ids=["in-place", "odd-width", "one-token"])
 def test_block_sum_equals_one_fp32_sum_rounded_once(n, d, seed):
     """The chunked step's per-token sum, added block by block and narrowed to bf16 partly inside
     its own storage (model.dispatch.BlockSum), equals the fp32 sum rounded once, bit for bit:
