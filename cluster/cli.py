@@ -150,10 +150,15 @@ def deploy(checkpoint_dir: str, port: int, num_shards: int, use_gpu: bool = Fals
 
 
 def _wait_forever() -> None:
+    import signal
     import time
 
-    print("serving; press Ctrl-C to stop", flush=True)
+    # Ray Train's fit() leaves its own SIGINT handler installed (it asks the finished run's
+    # controller to abort and swallows the signal), so after quickstart's training Ctrl-C
+    # would not stop serving: put Python's back
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        print("serving; press Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
