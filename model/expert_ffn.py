@@ -101,10 +101,9 @@ def _expert_groups(block: RowBlock, grad_shape: torch.Size) -> list[tuple[slice,
     size = max(1, sum(block.host_counts) // (2 * min(grad_shape)))
     groups, row, first = [], 0, block.experts.start
     for i in range(0, len(block.host_counts), size):
-        rows = sum(block.host_counts[i:i + size])
-        n = len(block.host_counts[i:i + size])
-        groups.append((slice(first + i, first + i + n), slice(row, row + rows)))
-        row += rows
+        counts = block.host_counts[i:i + size]
+        groups.append((slice(first + i, first + i + len(counts)), slice(row, row + sum(counts))))
+        row += sum(counts)
     return groups
 
 
