@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.permute_kernel import fused_permute, fused_permute_applies
 from model.swiglu_kernels import HAVE_TRITON, gather_weighted_sum
 
 
@@ -28,7 +29,7 @@ class Dispatch:
     """How token copies were ordered for the experts; `unpermute` takes it back."""
 
     token_index: torch.Tensor  # [M] source token of each sorted row
-    weights: torch.Tensor  # [M] combine weight of each sorted row
+    weights: torch.Tensor  # [M] combine weight of each sorted row (read detached: gradients flow through slot_weights)
     counts: torch.Tensor  # [E] rows per expert after any capacity drop
     routed_counts: torch.Tensor  # [E] copies the routing sent each expert (the load, before any drop)
     dropped: int  # (token, expert) pairs dropped by the capacity limit
@@ -52,12 +53,17 @@ def _narrow_sort_key(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
 
 
 def permute(routing: Routing, n_experts: int, capacity: int | None = None) -> Dispatch:
-    """Sort (token, expert) pairs by expert, keeping token order within each expert.
+    """Sort (token, expert) pairs by expert, keeping token order within each expert (on a GPU
+    without a capacity, one counting sort: model/permute_kernel.py).
 
     With a capacity, each expert keeps its first `capacity` tokens in token order and the rest
     are dropped (they pass through the residual only), as in GShard/Switch.
     """
     N, K = routing.experts.shape
+    if capacity is None and fused_permute_applies(routing.experts, n_experts):
+        token_index, weights, counts, slots = fused_permute(routing.experts, routing.weights, n_experts)
+        return Dispatch(token_index=token_index, weights=weights, counts=counts, routed_counts=counts, dropped=0,
+                        slots=slots, slot_weights=routing.weights)
     flat_experts = routing.experts.reshape(-1)
     order = torch.argsort(_narrow_sort_key(flat_experts, n_experts), stable=True)
     counts = routed = expert_counts(flat_experts, n_experts)

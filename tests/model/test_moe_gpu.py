@@ -120,7 +120,8 @@ def test_fused_route_kernel_equals_torch_rule(overrides, with_bias, seed):
     """The one-kernel routing (model/route_kernel.py) picks the experts and weights of the PyTorch
     rule, in inference (weights from the kernel) and under autograd (weights from PyTorch's scores,
     gradient reaching the logits). A row may differ only where the rule itself is tied: the k-th
-    and (k+1)-th selection scores, or the kept and next group's scores, within 1e-5."""
+    and (k+1)-th selection scores among the kept groups' experts, or the kept and next group's
+    scores, within 1e-5."""
     from model.moe import _top_k
     from model.route_kernel import fused_route_applies
 
@@ -134,13 +135,17 @@ def test_fused_route_kernel_equals_torch_rule(overrides, with_bias, seed):
     expected = route(logits.cpu(), None if bias is None else bias.cpu(), cfg)  # the CPU path is the definition
 
     select = scores if bias is None else scores + bias
-    margin = select.sort(-1, descending=True).values
-    tied = (margin[:, K - 1] - margin[:, K]).abs() < 1e-5 if K < E else torch.zeros(4096, dtype=torch.bool, device="cuda")
-    if cfg.n_group > 1:
+    tied = torch.zeros(4096, dtype=torch.bool, device="cuda")
+    if cfg.n_group > 1:  # the choice of groups, then the top k among the kept groups' experts only
         grouped = select.view(4096, cfg.n_group, -1)
         g = grouped.amax(-1) if cfg.group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
-        g = g.sort(-1, descending=True).values
-        tied |= (g[:, cfg.topk_group - 1] - g[:, cfg.topk_group]).abs() < 1e-5
+        g_sorted = g.sort(-1, descending=True).values
+        tied |= (g_sorted[:, cfg.topk_group - 1] - g_sorted[:, cfg.topk_group]).abs() < 1e-5
+        dropped = torch.ones_like(g, dtype=torch.bool).scatter_(1, g.topk(cfg.topk_group, dim=-1).indices, False)
+        select = grouped.masked_fill(dropped[:, :, None], float("-inf")).view(4096, E)
+    margin = select.sort(-1, descending=True).values
+    if K < E:  # -inf - -inf is nan: never tied
+        tied |= (margin[:, K - 1] - margin[:, K]).abs() < 1e-5
 
     with torch.no_grad():
         fused = route(logits, bias, cfg)
@@ -158,3 +163,26 @@ def test_fused_route_kernel_equals_torch_rule(overrides, with_bias, seed):
     assert not (differ & ~tied).any()
     trained.weights.sum().backward()
     assert live.grad is not None and live.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("n_tokens,k,n_experts,skewed", [
+    (16384, 6, 64, False), (4099, 8, 256, True), (777, 2, 5, False), (3, 4, 1000, False), (1, 1, 1, False),
+], ids=["v2-lite", "v3-skewed", "5-experts", "1000-experts", "one-copy"])
+def test_counting_sort_equals_stable_sort(n_tokens, k, n_experts, skewed, seed):
+    """The GPU permutation (model/permute_kernel.py: tiles, one cumulative sum, ranks within a
+    tile) makes what the stable sort on the CPU makes, index for index, across tile edges, with
+    idle experts, hot ones, and more experts than a tile has copies."""
+    from model.dispatch import Routing
+    from model.permute_kernel import fused_permute_applies
+
+    scores = torch.rand(n_tokens, n_experts, device="cuda")
+    if skewed:  # a third of the experts get most copies
+        scores[:, : n_experts // 3] += 1
+    experts = scores.topk(k, dim=-1).indices
+    routing = Routing(weights=torch.rand(n_tokens, k, device="cuda"), experts=experts, scores=None)
+    assert fused_permute_applies(experts, n_experts)
+    fast = permute(routing, n_experts)
+    plain = permute(Routing(weights=routing.weights.cpu(), experts=experts.cpu(), scores=None), n_experts)
+    for name in ("token_index", "weights", "counts", "routed_counts", "slots"):
+        assert torch.equal(getattr(fast, name).cpu(), getattr(plain, name)), name
+    assert fast.counts.dtype == torch.long and fast.dropped == 0
