@@ -108,6 +108,12 @@ def test_cuda_graph_decode_steps_equal_eager(preset, overrides, seed):
     assert sorted(graphs.graphs) == [(1, 128), (2, 128), (4, 128), (4, 256), (8, 256)]
 
 
+def by_expert(experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's chosen experts in id order, with their weights alongside."""
+    order = experts_NK.argsort(-1)
+    return experts_NK.gather(-1, order), weights_NK.gather(-1, order)
+
+
 @pytest.mark.parametrize("overrides", [
     dict(n_routed_experts=64, top_k=6, score_func="softmax", norm_topk_prob=False),
     dict(n_routed_experts=256, top_k=8, score_func="sigmoid", n_group=8, topk_group=4, group_score="top2_sum",
@@ -153,13 +159,17 @@ def test_fused_route_kernel_equals_torch_rule(overrides, with_bias, seed):
     differ = (fused.experts.sort(-1).values != expected_experts.sort(-1).values).any(-1)
     assert not (differ & ~tied).any(), "experts differ on rows whose routing is not tied"
     same = (~differ & ~tied).cpu()  # the CPU rule may break a tie the other way
-    assert torch.equal(fused.experts.cpu()[same], expected.experts[same])
-    assert (fused.weights.cpu()[same] - expected.weights[same]).abs().max() <= 1e-5
+    # the same experts with the same weights; their order may differ where two chosen ones are
+    # within rounding of each other (it only orders a token's k terms of the combine)
+    fused_experts, fused_weights = by_expert(fused.experts.cpu(), fused.weights.cpu())
+    cpu_experts, cpu_weights = by_expert(expected.experts, expected.weights)
+    assert torch.equal(fused_experts[same], cpu_experts[same])
+    assert (fused_weights[same] - cpu_weights[same]).abs().max() <= 1e-5
 
     live = logits.clone().requires_grad_()
     trained = route(live, bias, cfg)
     assert trained.scores is not None
-    differ = (trained.experts != expected_experts).any(-1)
+    differ = (trained.experts.sort(-1).values != expected_experts.sort(-1).values).any(-1)
     assert not (differ & ~tied).any()
     trained.weights.sum().backward()
     assert live.grad is not None and live.grad.abs().sum() > 0
