@@ -20,8 +20,9 @@ walks the sorted rows in about that many blocks of whole experts instead (a hot 
 more rows than a block's share is cut into pieces) and combines each block into an fp32 sum
 as soon as it is computed, so only about [M / chunks, D] exists at a time. The price: one host
 read of the expert counts per layer (to cut the blocks), a read-modify-write of the [N, D] sum
-per block, and each block's weight gradients made a few experts at a time and then copied
-into place.
+per block, and one matmul per expert for the products that must land in place (the weight
+gradients, and the input gradient's second term added to its first): `torch._grouped_mm` has
+no `out=` and no accumulate, and a grouped result would be one more block-sized tensor.
 """
 
 from __future__ import annotations
@@ -91,37 +92,36 @@ def _weight_grad_buffer(w: torch.Tensor, blocks: list[RowBlock]) -> torch.Tensor
     return torch.empty_like(w) if covered == w.shape[0] else torch.zeros_like(w)
 
 
-def _expert_groups(block: RowBlock, grad_shape: torch.Size) -> list[tuple[slice, slice]]:
-    """(experts, rows within the block) of runs of the block's experts whose weight gradients
-    [K, N] each together take at most half the bytes of the block's wide operand
-    [rows, max(K, N)]: `torch._grouped_mm` has no `out=`, so each group's gradient is made apart
-    and then copied into place, and at the V3 shape (7168 x 2048) a whole block's would be as
-    large as its rows, which are alive at the same time. Smaller groups save little more and
-    cost launches: at the V2-Lite shape a quarter made the blocked backward host-bound."""
-    size = max(1, sum(block.host_counts) // (2 * min(grad_shape)))
-    groups, row, first = [], 0, block.experts.start
-    for i in range(0, len(block.host_counts), size):
-        counts = block.host_counts[i:i + size]
-        groups.append((slice(first + i, first + i + len(counts)), slice(row, row + sum(counts))))
-        row += sum(counts)
-    return groups
-
-
 def _weight_grad(total: torch.Tensor | None, block: RowBlock, a_rows: torch.Tensor, b_rows: torch.Tensor,
                  impl: str) -> torch.Tensor:
-    """A block's experts' weight gradients a^T b, written into the [E, K, N] total group by group
-    (a cut expert's pieces add up); the only block's is the total itself."""
+    """A block's experts' weight gradients a^T b written into the [E, K, N] total; the only block's
+    is the total itself (one grouped kernel). In blocks, one matmul per expert straight into its
+    slice (`torch._grouped_mm` has no `out=`: a grouped gradient would be a second copy of the
+    block's gradients, then copied into place); a cut expert's pieces add up in place."""
     if total is None:
         return grouped_mm_weight_grad(a_rows, b_rows, block.counts, impl)
-    e0 = block.experts.start
-    for experts, rows in _expert_groups(block, total.shape[-2:]):
-        grad = grouped_mm_weight_grad(a_rows[rows], b_rows[rows], block.counts[experts.start - e0:experts.stop - e0], impl)
+    # views per expert made by one call each: at V2-Lite's shape a few host microseconds per
+    # slicing op would add up to more than the GPU time of these matmuls
+    pieces = zip(total[block.experts].unbind(0), a_rows.t().split(block.host_counts, 1),
+                 b_rows.split(block.host_counts))
+    for grad, a_t, b in pieces:
         if block.continued:
-            total[experts] += grad
+            grad.addmm_(a_t, b)
         else:
-            total[experts].copy_(grad)
-        del grad  # before the next group's is made
+            torch.mm(a_t, b, out=grad)
     return total
+
+
+def _input_grad_rows(block: RowBlock, dg: torch.Tensor, du: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                     impl: str) -> torch.Tensor:
+    """dg W_gate^T + du W_up^T per expert [rows, D]: the second product added in place expert by
+    expert, so a block makes one [rows, D] tensor and combines it once."""
+    dx_rows = grouped_mm(dg, w_gate[block.experts].transpose(-2, -1), block.counts, impl)
+    pieces = zip(dx_rows.split(block.host_counts), du.split(block.host_counts),
+                 w_up[block.experts].transpose(-2, -1).unbind(0))
+    for out, du_e, w_t in pieces:
+        out.addmm_(du_e, w_t)
+    return dx_rows
 
 
 class _ExpertSwiGLU(torch.autograd.Function):
@@ -177,16 +177,17 @@ class _ExpertSwiGLU(torch.autograd.Function):
             dw_gate = _weight_grad(dw_gate, b, x_b, dg, impl)
             dw_up = _weight_grad(dw_up, b, x_b, du, impl)
             del x_b
+            if not single:
+                dx.add(_input_grad_rows(b, dg, du, w_gate, w_up, impl), b.rows.start, dispatch.slots, None)
+                continue
             # reduce each [M, D] product to tokens before making the next: one [M, D] alive at a time
             for d_proj, w in ((dg, w_gate), (du, w_up)):
                 dx_rows = grouped_mm(d_proj, w[b.experts].transpose(-2, -1), b.counts, impl)
                 if dispatch is None:
                     dx = dx_rows if dx is None else dx.add_(dx_rows)
-                elif single:
+                else:
                     dx_b = slot_sum(dx_rows, dispatch.slots, None, dispatch.dropped > 0)
                     dx = dx_b if dx is None else dx.add_(dx_b)
-                else:
-                    dx.add(dx_rows, b.rows.start, dispatch.slots, None)
                 del dx_rows
         d_slot_weights = None
         if dispatch is not None and ctx.needs_input_grad[4]:
