@@ -180,7 +180,8 @@ class EPExchange:
 
     in_splits: list[int]  # rows this rank sent to each rank
     out_splits: list[int]  # rows this rank received from each rank
-    index: torch.Tensor  # received (source, expert) order -> expert-major order
+    index: torch.Tensor  # expert-major row i is received (source, expert)-ordered row index[i]
+    inverse: torch.Tensor  # and back: received row j is expert-major row inverse[j]
     local_counts: torch.Tensor  # rows per local expert, all sources together
 
 
@@ -200,22 +201,39 @@ def ep_dispatch_start(x_MD: torch.Tensor, counts_E: torch.Tensor, ep_size: int, 
     recv_counts = torch.empty_like(counts_E)
     dist.all_to_all_single(recv_counts, counts_E.contiguous(), group=group)
     counts_PE = recv_counts.view(P, El)  # rows from source p for local expert j
-    in_splits = counts_E.view(P, El).sum(1).tolist()
-    out_splits = counts_PE.sum(1).tolist()
+    in_splits, out_splits = torch.stack([counts_E.view(P, El).sum(1), counts_PE.sum(1)]).tolist()  # one host sync
     rows = send_rows(x_MD, out_splits, in_splits, group)
     index = _source_major_to_expert_major(counts_PE, sum(out_splits))
-    return EPDispatch(rows, EPExchange(in_splits, out_splits, index, counts_PE.sum(0)))
+    inverse = torch.empty_like(index).scatter_(0, index, torch.arange(index.numel(), device=index.device))
+    return EPDispatch(rows, EPExchange(in_splits, out_splits, index, inverse, counts_PE.sum(0)))
+
+
+class _ReorderRows(torch.autograd.Function):
+    """rows[order] for a permutation `order`, whose backward is the gather by its inverse.
+    Autograd's own backward of indexing is an accumulating scatter into zeros, built for
+    repeated indices, which a permutation has none of."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return rows[order]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
 
 
 def ep_dispatch_finish(sent: EPDispatch) -> torch.Tensor:
     """The rows this rank's experts must compute, sorted by local expert."""
     # received rows are ordered (source, local expert); the grouped product wants (expert, source)
-    return receive_rows(sent.rows)[sent.exchange.index]
+    exchange = sent.exchange
+    return _ReorderRows.apply(receive_rows(sent.rows), exchange.index, exchange.inverse)
 
 
 def ep_combine(y_sorted: torch.Tensor, exchange: EPExchange, group) -> torch.Tensor:
     """Send the experts' outputs back to the ranks their rows came from, in their original order."""
-    y = torch.empty_like(y_sorted).index_copy(0, exchange.index, y_sorted)
+    y = _ReorderRows.apply(y_sorted, exchange.inverse, exchange.index)
     return all_to_all(y, exchange.in_splits, exchange.out_splits, group)
 
 
