@@ -16,6 +16,7 @@ the shards work.
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 from dataclasses import dataclass
 
@@ -53,8 +54,15 @@ class Rendezvous:
 
 
 def join_group(spec: GroupSpec, rank: int, store: dist.Store | None = None) -> None:
-    """Join (as `rank`) the group described by spec; leaves any group this process was in first."""
+    """Join (as `rank`) the group described by spec; leaves any group this process was in first.
+
+    On NCCL a collective with a dead peer does not fail, it waits; at the group's timeout
+    PyTorch's watchdog then by default ends the whole process (TORCH_NCCL_ASYNC_ERROR_HANDLING
+    3), which would take the router down with its shard. Unless the user chose otherwise, the
+    watchdog only aborts the communicator (2): the step fails, the router lives and fails over."""
     leave_group()
+    if spec.backend == "nccl":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")  # read when the group is made
     timeout = datetime.timedelta(seconds=spec.timeout_s)
     if store is None:
         store = dist.TCPStore(spec.host, spec.port, spec.world_size, is_master=False, timeout=timeout)
