@@ -18,7 +18,12 @@ as fused grouped GEMMs, combine, shared experts). Timed in the same run:
 
 Each rank checks its expert-parallel output against the one-device layer on its own tokens.
 
-Run: python3 benchmarks/ep_layer.py --shape v2-lite --tokens 4096 8192 16384
+`--sm-carveout N` keeps the matmuls (cuBLASLt) of both two-device variants off N SMs, so NCCL's
+kernel can run beside the shared experts' full-width persistent GEMMs instead of pushing a
+second wave onto them (the overlap measured nothing without it on H100s); the one-device
+baseline keeps every SM.
+
+Run: python3 benchmarks/ep_layer.py --shape v2-lite --tokens 4096 8192 16384 [--sm-carveout 16]
      python3 benchmarks/ep_layer.py --cpu --shape tiny --tokens 256     (gloo, a functional check)
 """
 
@@ -117,7 +122,7 @@ class Rank:
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    def run(self, tokens: int, iters: int, seed: int) -> dict:
+    def run(self, tokens: int, iters: int, seed: int, sm_carveout: int) -> dict:
         x = self._tokens(tokens, seed).requires_grad_()
         dout = torch.randn_like(x)
 
@@ -135,8 +140,10 @@ class Rank:
         if self.rank == 1:  # meet rank 0's barriers while it times the one-device layer
             for _ in range(iters):
                 self.barrier()
+        torch._C._set_sm_carveout_experimental(sm_carveout or None)
         two = self._timed(step(self.ep), iters)
         serial = self._timed(step(self.serial), iters)
+        torch._C._set_sm_carveout_experimental(None)
 
         # communication alone: the layer's rows, with the expert computation as the identity
         M = tokens * self.cfg.top_k
@@ -172,6 +179,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384])
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--cpu", action="store_true", help="gloo on CPU: checks that it runs and agrees")
+    parser.add_argument("--sm-carveout", type=int, default=0, help="SMs the two-device variants' matmuls leave free")
     parser.add_argument("--json")
     args = parser.parse_args()
     ray.init(include_dashboard=False)
@@ -183,7 +191,7 @@ def main() -> None:
     tol = 1e-5 if args.cpu else 1e-2
     rows = []
     for tokens in args.tokens:
-        r0, r1 = ray.get([r.run.remote(tokens, args.iters, tokens) for r in ranks])
+        r0, r1 = ray.get([r.run.remote(tokens, args.iters, tokens, args.sm_carveout) for r in ranks])
         row = {"tokens_per_device": tokens, "one_device_ms": r0["one_s"] * 1e3,
                "two_devices_ms": max(r0["two_s"], r1["two_s"]) * 1e3,
                "throughput_ratio": 2 * r0["one_s"] / max(r0["two_s"], r1["two_s"]),
@@ -198,6 +206,7 @@ def main() -> None:
         if row["rel_err"] > tol:
             raise SystemExit(f"expert-parallel output differs from one device: relative error {row['rel_err']:.2e}")
     meta = {"date": datetime.date.today().isoformat(), "shape": args.shape, "torch": torch.__version__,
+            "sm_carveout": args.sm_carveout,
             "device": "cpu (gloo)" if args.cpu else ray.get(ranks[0].__ray_call__.remote(
                 lambda self: torch.cuda.get_device_name(0)))}
     print(json.dumps(meta))
