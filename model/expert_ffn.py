@@ -124,6 +124,19 @@ def _input_grad_rows(block: RowBlock, dg: torch.Tensor, du: torch.Tensor, w_gate
     return dx_rows
 
 
+def _single_input_grad(dg: torch.Tensor, du: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                       dispatch: Dispatch | None, counts: torch.Tensor | None, impl: str) -> torch.Tensor:
+    """dg W_gate^T + du W_up^T for all rows at once (no host counts, so one grouped product each),
+    reduced to tokens with a dispatch: each [M, D] product is reduced before the next is made."""
+    dx = None
+    for d_proj, w in ((dg, w_gate), (du, w_up)):
+        part = grouped_mm(d_proj, w.transpose(-2, -1), counts, impl)
+        if dispatch is not None:
+            part = slot_sum(part, dispatch.slots, None, dispatch.dropped > 0)
+        dx = part if dx is None else dx.add_(part)
+    return dx
+
+
 class _ExpertSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_gate, w_up, w_down, slot_weights, dispatch, blocks, impl):
@@ -177,18 +190,10 @@ class _ExpertSwiGLU(torch.autograd.Function):
             dw_gate = _weight_grad(dw_gate, b, x_b, dg, impl)
             dw_up = _weight_grad(dw_up, b, x_b, du, impl)
             del x_b
-            if not single:
+            if single:
+                dx = _single_input_grad(dg, du, w_gate, w_up, dispatch, b.counts, impl)
+            else:
                 dx.add(_input_grad_rows(b, dg, du, w_gate, w_up, impl), b.rows.start, dispatch.slots, None)
-                continue
-            # reduce each [M, D] product to tokens before making the next: one [M, D] alive at a time
-            for d_proj, w in ((dg, w_gate), (du, w_up)):
-                dx_rows = grouped_mm(d_proj, w[b.experts].transpose(-2, -1), b.counts, impl)
-                if dispatch is None:
-                    dx = dx_rows if dx is None else dx.add_(dx_rows)
-                else:
-                    dx_b = slot_sum(dx_rows, dispatch.slots, None, dispatch.dropped > 0)
-                    dx = dx_b if dx is None else dx.add_(dx_b)
-                del dx_rows
         d_slot_weights = None
         if dispatch is not None and ctx.needs_input_grad[4]:
             d_slot_weights = _slot_weight_grad(torch.cat(d_rows), dispatch)
