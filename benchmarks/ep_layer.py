@@ -23,6 +23,12 @@ kernel can run beside the shared experts' full-width persistent GEMMs instead of
 second wave onto them (the overlap measured nothing without it on H100s); the one-device
 baseline keeps every SM.
 
+`--profile DIR` records one more call of each variant at the largest token count with
+torch.profiler on every rank and writes each rank's kernel table (`<variant>_rank<r>.txt`,
+device time by kernel) and trace (`<variant>_rank<r>.json`, for chrome://tracing or Perfetto)
+into DIR: where the exchange's time goes beyond raw NCCL, and whether NCCL's kernel runs beside
+the shared experts' GEMMs.
+
 Run: python3 benchmarks/ep_layer.py --shape v2-lite --tokens 4096 8192 16384 [--sm-carveout 16]
      python3 benchmarks/ep_layer.py --cpu --shape tiny --tokens 256     (gloo, a functional check)
 """
@@ -122,7 +128,23 @@ class Rank:
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    def run(self, tokens: int, iters: int, seed: int, sm_carveout: int) -> dict:
+    def _profile(self, variants: dict, sm_carveout: int, out_dir: str) -> None:
+        from torch.profiler import ProfilerActivity, profile
+        os.makedirs(out_dir, exist_ok=True)
+        for name, fn in variants.items():
+            torch._C._set_sm_carveout_experimental(sm_carveout or None if name in ("two", "serial") else None)
+            self.barrier()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+            torch._C._set_sm_carveout_experimental(None)
+            stem = os.path.join(out_dir, f"{name}_rank{self.rank}")
+            with open(stem + ".txt", "w") as f:
+                f.write(prof.key_averages().table(sort_by="device_time_total", row_limit=40))
+            prof.export_chrome_trace(stem + ".json")
+
+    def run(self, tokens: int, iters: int, seed: int, sm_carveout: int, profile_dir: str | None = None) -> dict:
         x = self._tokens(tokens, seed).requires_grad_()
         dout = torch.randn_like(x)
 
@@ -153,6 +175,7 @@ class Rank:
         group = dist.group.WORLD
 
         def moray_comm():
+            rows.grad = None  # as in the layer: the gradient is stored, not added to an old one
             sent = ep_dispatch_start(rows, counts, 2, group)
             ep_combine(ep_dispatch_finish(sent), sent.exchange, group).backward(rows.detach())
 
@@ -168,6 +191,9 @@ class Rank:
                 dist.all_to_all_single(recv, rows.detach(), out_splits, in_splits)
                 dist.all_to_all_single(back, recv, in_splits, out_splits)
 
+        if profile_dir and self.device.type == "cuda":
+            self._profile({"one": step(self.full), "two": step(self.ep), "serial": step(self.serial),
+                           "moray_comm": moray_comm, "raw_comm": raw_comm}, sm_carveout, profile_dir)
         return {"rank": self.rank, "rel_err": err, "one_s": one, "two_s": two, "serial_s": serial,
                 "moray_comm_s": self._timed(moray_comm, iters), "raw_comm_s": self._timed(raw_comm, iters),
                 "bytes_per_direction": M * self.dim * x.element_size()}
@@ -180,6 +206,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--cpu", action="store_true", help="gloo on CPU: checks that it runs and agrees")
     parser.add_argument("--sm-carveout", type=int, default=0, help="SMs the two-device variants' matmuls leave free")
+    parser.add_argument("--profile", metavar="DIR", help="write per-rank profiles of the largest token count here")
     parser.add_argument("--json")
     args = parser.parse_args()
     ray.init(include_dashboard=False)
@@ -191,7 +218,8 @@ def main() -> None:
     tol = 1e-5 if args.cpu else 1e-2
     rows = []
     for tokens in args.tokens:
-        r0, r1 = ray.get([r.run.remote(tokens, args.iters, tokens, args.sm_carveout) for r in ranks])
+        profile = args.profile if tokens == args.tokens[-1] else None
+        r0, r1 = ray.get([r.run.remote(tokens, args.iters, tokens, args.sm_carveout, profile) for r in ranks])
         row = {"tokens_per_device": tokens, "one_device_ms": r0["one_s"] * 1e3,
                "two_devices_ms": max(r0["two_s"], r1["two_s"]) * 1e3,
                "throughput_ratio": 2 * r0["one_s"] / max(r0["two_s"], r1["two_s"]),
