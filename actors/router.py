@@ -136,12 +136,15 @@ class Router:
         ones, and should not go to `away` nodes (where a shard just died). A free bundle of the
         placement group on an acceptable node comes first; else a shard outside the group that
         prefers the live node holding fewest of this model's actors (`planned`: nodes already
-        picked for shards starting with it), and takes another one if that node has no room."""
+        picked for shards starting with it), and takes another one if that node has no room.
+        Where no live node is left but `away` ones (one machine), a free bundle there is taken:
+        the group holds its node's GPUs, so a shard outside it would wait for one forever."""
         nodes = ray.nodes()
         alive = {n["NodeID"] for n in nodes if n["Alive"]}
         unwanted = set(avoid) | set(away)
+        acceptable = alive - unwanted or alive - set(avoid)
         for b, options in enumerate(self.bundle_options):
-            if options and b not in taken and self._bundle_node(b) in alive - unwanted:
+            if options and b not in taken and self._bundle_node(b) in acceptable:
                 return options, b
         avoid = sorted(set(avoid) | {n["NodeID"] for n in nodes if not n["Alive"]})
         held = {n: self.shard_nodes.count(n) + planned.count(n) + (n == self.node_id) for n in alive - unwanted}
