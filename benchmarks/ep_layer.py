@@ -177,7 +177,7 @@ class Rank:
         def moray_comm():
             rows.grad = None  # as in the layer: the gradient is stored, not added to an old one
             sent = ep_dispatch_start(rows, counts, 2, group)
-            ep_combine(ep_dispatch_finish(sent), sent.exchange).backward(rows.detach())
+            ep_combine(ep_dispatch_finish(sent), sent.exchange, group).backward(rows.detach())
 
         in_splits = counts.view(2, -1).sum(1).tolist()
         peer_splits = [torch.zeros(2, dtype=torch.long, device=self.device) for _ in range(2)]

@@ -48,7 +48,8 @@ import torch
 import torch.nn.functional as F
 
 from model.config import MoEConfig
-from model.moe import MoE, permute, route, unpermute
+from model.dispatch import unpermute
+from model.moe import MoE, permute, route
 from timing import cuda_times  # benchmarks/timing.py
 
 SHAPES = {

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.dispatch import BlockSum, Dispatch, slot_sum
+from model.dispatch import BlockSum, Dispatch, slot_sum, slot_values
 from model.grouped import grouped_mm, grouped_mm_weight_grad
 from model.swiglu_kernels import swiglu, swiglu_backward
 
@@ -77,13 +77,6 @@ def row_blocks(counts_E: torch.Tensor | None, chunks: int) -> list[RowBlock]:
 
 def _block_rows(x: torch.Tensor, dispatch: Dispatch | None, block: RowBlock) -> torch.Tensor:
     return x[block.rows] if dispatch is None else x[dispatch.token_index[block.rows]]
-
-
-def _slot_weight_grad(d_rows: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
-    """Per-row gradients of the combine weights back in token order [N, K]."""
-    if dispatch.dropped > 0:  # slot M is a dropped copy: no gradient
-        d_rows = torch.cat([d_rows, d_rows.new_zeros(1)])
-    return d_rows[dispatch.slots].to(dispatch.slot_weights.dtype)
 
 
 def _weight_grad_buffer(w: torch.Tensor, blocks: list[RowBlock]) -> torch.Tensor:
@@ -196,7 +189,7 @@ class _ExpertSwiGLU(torch.autograd.Function):
                 dx.add(_input_grad_rows(b, dg, du, w_gate, w_up, impl), b.rows.start, dispatch.slots, None)
         d_slot_weights = None
         if dispatch is not None and ctx.needs_input_grad[4]:
-            d_slot_weights = _slot_weight_grad(torch.cat(d_rows), dispatch)
+            d_slot_weights = slot_values(torch.cat(d_rows), dispatch)
         dx = dx if single or dispatch is None else dx.result()
         return dx, dw_gate, dw_up, dw_down, d_slot_weights, None, None, None
 

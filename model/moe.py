@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import MoEConfig
-from model.dispatch import Dispatch, Routing, permute, unpermute
+from model.dispatch import Dispatch, Routing, combine_rows, dispatch_rows, permute
 from model.expert_ffn import expert_swiglu
 from model.grouped import grouped_mm
 from model.layers import SwiGLU
@@ -161,9 +161,9 @@ class MoE(nn.Module):
             chunks = self.cfg.expert_chunks if torch.is_grad_enabled() else 1
             out_ND = self.experts.combine(x_ND, dispatch, chunks=chunks)
         else:  # experts elsewhere: the shared experts compute here while the rows travel
-            in_flight = self.experts.start(x_ND[dispatch.token_index], dispatch.counts)
+            in_flight = self.experts.start(dispatch_rows(x_ND, dispatch), dispatch.counts)
             shared_ND = self.shared(x_ND) if self.shared is not None else None
-            out_ND = unpermute(self.experts.finish(in_flight), dispatch)
+            out_ND = combine_rows(self.experts.finish(in_flight), dispatch)
         if shared_ND is not None:
             out_ND = out_ND + shared_ND
         aux = None

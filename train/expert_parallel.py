@@ -2,14 +2,12 @@
 
 `parallelize_experts(model, ep_size)` swaps every MoE layer's `RoutedExperts` for an
 `ExpertParallelExperts` that holds this rank's slice of the experts and exchanges token rows
-with the other ranks of its expert-parallel group. Gate, bias balancing, shared
+with the other ranks of its expert-parallel group by all-to-all. Gate, bias balancing, shared
 experts and the dropless grouped computation stay moray's (model/moe.py); only where the expert
 weights live changes.
 
-The exchange is an all-to-all written as one batch of point-to-point sends and receives (one
-NCCL group), a chunk per (rank, expert), so that rows land where the grouped expert product
-wants them (each local expert's rows together) and outputs land back in the sender's order,
-with no reordering pass on either side. It is a pair of autograd functions: `send_rows` starts it, `receive_rows` waits for it, and the MoE layer computes its shared
+The exchange is a pair of autograd functions around one asynchronous `all_to_all_single`:
+`send_rows` starts it, `receive_rows` waits for it, and the MoE layer computes its shared
 experts in between (`start` / `finish` of model/moe.py's `RemoteRoutedExperts`). Backward
 mirrors it: `receive_rows`' backward starts the reverse exchange of the gradient and
 `send_rows`' backward waits for it. Autograd runs ready nodes latest-created first, so the
@@ -37,90 +35,79 @@ from model.moe import MoE, RoutedExperts
 from model.transformer import Transformer
 
 
-class _Transfer:
-    """Rows on their way between the two layouts of an `EPExchange`: `launch` starts moving them
-    from `src` to `dst` (or, reversed, their gradients back), `wait` returns the filled buffer."""
+class _Work:
+    """The all-to-all on its way between a `_SendRows` and its `_ReceiveRows`: in forward the
+    rows going out, in backward their gradients coming back."""
 
-    __slots__ = ("exchange", "src", "dst", "works", "out", "sent")
+    __slots__ = ("handle", "out")
 
-    def __init__(self, exchange: EPExchange, src: ChunkLayout, dst: ChunkLayout):
-        self.exchange, self.src, self.dst = exchange, src, dst
-        self.works, self.out, self.sent = [], None, None
-
-    def launch(self, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
-        """Each (peer, expert) chunk goes straight to its place in the peer's layout, one send and
-        one receive per chunk in one batch (one NCCL group): the receiver needs no reordering
-        pass afterwards, which an `all_to_all_single` (source-major on arrival) would. This
-        rank's own chunks are device copies."""
-        src, dst = (self.dst, self.src) if reverse else (self.src, self.dst)
-        ex = self.exchange
-        self.sent = x = x.contiguous()
-        self.out = out = x.new_empty(dst.rows, *x.shape[1:])
-        ops = []
-        for peer, s0, ns, d0, nd in zip(ex.peers, src.starts, src.counts, dst.starts, dst.counts):
-            if peer == ex.rank:
-                out[d0:d0 + nd].copy_(x[s0:s0 + ns])
-                continue
-            if ns:
-                ops.append(dist.P2POp(dist.isend, x[s0:s0 + ns], group=ex.group, group_peer=peer))
-            if nd:
-                ops.append(dist.P2POp(dist.irecv, out[d0:d0 + nd], group=ex.group, group_peer=peer))
-        self.works = dist.batch_isend_irecv(ops) if ops else []
-        return out
+    def launch(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+        self.out = x.new_empty(sum(out_splits), *x.shape[1:])
+        self.handle = dist.all_to_all_single(self.out, x.contiguous(), out_splits, in_splits, group=group,
+                                             async_op=True)
+        return self.out
 
     def wait(self) -> torch.Tensor:
-        for work in self.works:
-            work.wait()
-        out, self.works, self.out, self.sent = self.out, [], None, None  # nothing outlives its use
+        self.handle.wait()
+        out, self.handle, self.out = self.out, None, None  # nothing outlives its use
         return out
 
 
 class _SendRows(torch.autograd.Function):
-    """Starts the transfer and returns the buffer it is filling; only `_ReceiveRows` may read it.
-    Backward waits for the gradient transfer `_ReceiveRows`' backward started: autograd runs
-    whatever does not depend on the exchange in between."""
+    """Starts all_to_all_single (uneven splits) and returns the buffer it is filling; only
+    `_ReceiveRows` may read it. Backward waits for the gradient exchange `_ReceiveRows`' backward
+    started: autograd runs whatever does not depend on the exchange in between."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, transfer: _Transfer):
-        ctx.transfer = transfer
-        return transfer.launch(x)
+    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, work: _Work):
+        ctx.work = work
+        return work.launch(x, out_splits, in_splits, group)
 
     @staticmethod
     def backward(ctx, _passed_through: torch.Tensor):
-        return ctx.transfer.wait(), None
+        return ctx.work.wait(), None, None, None, None
 
 
 class _ReceiveRows(torch.autograd.Function):
-    """Waits for `_SendRows`' transfer; backward starts the reverse transfer of the gradient and
+    """Waits for `_SendRows`' exchange; backward starts the reverse exchange of the gradient and
     returns at once (the incoming gradient passes through to `_SendRows`, which ignores it)."""
 
     @staticmethod
-    def forward(ctx, buffer: torch.Tensor, transfer: _Transfer):
-        ctx.transfer = transfer
-        return transfer.wait()
+    def forward(ctx, buffer: torch.Tensor, out_splits: list[int], in_splits: list[int], group, work: _Work):
+        ctx.splits, ctx.group, ctx.work = (out_splits, in_splits), group, work
+        return work.wait()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        ctx.transfer.launch(grad, reverse=True)
-        return grad, None
+        out_splits, in_splits = ctx.splits
+        ctx.work.launch(grad, in_splits, out_splits, ctx.group)
+        return grad, None, None, None, None
 
 
 @dataclass(frozen=True)
 class RowsInFlight:
-    """A transfer started by `send_rows`; `receive_rows` gives its result."""
+    """An all-to-all started by `send_rows`; `receive_rows` gives its result."""
 
-    buffer: torch.Tensor  # filled by the transfer; read it only through receive_rows
-    transfer: _Transfer
+    buffer: torch.Tensor  # filled by the exchange; read it only through receive_rows
+    out_splits: list[int]
+    in_splits: list[int]
+    group: object
+    work: _Work
 
 
-def send_rows(x: torch.Tensor, exchange: EPExchange, src: ChunkLayout, dst: ChunkLayout) -> RowsInFlight:
-    """Start moving rows laid out as `src` on this rank into `dst` on their ranks."""
-    transfer = _Transfer(exchange, src, dst)
-    return RowsInFlight(_SendRows.apply(x, transfer), transfer)
+def send_rows(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> RowsInFlight:
+    """Start exchanging rows with uneven splits (in_splits[p] rows to rank p, out_splits[p] from it)."""
+    work = _Work()
+    return RowsInFlight(_SendRows.apply(x, out_splits, in_splits, group, work), out_splits, in_splits, group, work)
 
 
 def receive_rows(sent: RowsInFlight) -> torch.Tensor:
-    return _ReceiveRows.apply(sent.buffer, sent.transfer)
+    return _ReceiveRows.apply(sent.buffer, sent.out_splits, sent.in_splits, sent.group, sent.work)
+
+
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    """The exchange with nothing to overlap: the gradient travels the reverse way."""
+    return receive_rows(send_rows(x, out_splits, in_splits, group))
 
 
 class _Expert(nn.Module):
@@ -184,43 +171,17 @@ class ExpertParallelExperts(DeepSpeedMoE):
             return expert_swiglu(x_MD, w_gate, w_up, w_down, counts_E)
         rows = ep_dispatch_finish(sent)
         y = expert_swiglu(rows, w_gate, w_up, w_down, sent.exchange.local_counts)
-        return ep_combine(y, sent.exchange)
-
-
-@dataclass(frozen=True)
-class ChunkLayout:
-    """Where the chunks of an exchange lie on this rank: chunk (peer p, local expert j), listed
-    in (p, j) order, is `counts[i]` rows from row `starts[i]`."""
-
-    starts: list[int]
-    counts: list[int]
-    rows: int
-
-    @staticmethod
-    def of(counts_PE: list[list[int]], expert_major: bool) -> ChunkLayout:
-        """Chunks stored (p, j)-major, or (j, p)-major: each local expert's rows together."""
-        P, El = len(counts_PE), len(counts_PE[0])
-        order = [(p, j) for j in range(El) for p in range(P)] if expert_major else \
-            [(p, j) for p in range(P) for j in range(El)]
-        start, at = {}, 0
-        for p, j in order:
-            start[p, j], at = at, at + counts_PE[p][j]
-        return ChunkLayout([start[p, j] for p in range(P) for j in range(El)],
-                           [c for row in counts_PE for c in row], at)
+        return ep_combine(y, sent.exchange, self.deepspeed_moe.ep_group)
 
 
 @dataclass(frozen=True)
 class EPExchange:
-    """One dispatch's two layouts, for `ep_combine` to send the outputs back along: no state kept
-    between the two. `sorted` is this rank's rows by global expert (chunk (p, j): its rows for
-    rank p's expert j), `expert_major` the rows its own experts compute, by local expert and then
-    source (chunk (p, j): rank p's rows for expert j)."""
+    """What `ep_dispatch_start` did, for `ep_combine` to undo: no state kept between the two."""
 
-    sorted: ChunkLayout
-    expert_major: ChunkLayout
-    peers: list[int]  # the peer of each chunk, in (p, j) order
-    rank: int
-    group: object
+    in_splits: list[int]  # rows this rank sent to each rank
+    out_splits: list[int]  # rows this rank received from each rank
+    index: torch.Tensor  # expert-major row i is received (source, expert)-ordered row index[i]
+    inverse: torch.Tensor  # and back: received row j is expert-major row inverse[j]
     local_counts: torch.Tensor  # rows per local expert, all sources together
 
 
@@ -234,26 +195,57 @@ class EPDispatch:
 
 def ep_dispatch_start(x_MD: torch.Tensor, counts_E: torch.Tensor, ep_size: int, group) -> EPDispatch:
     """Start sending rows sorted by global expert to the ranks owning them (rank p owns a
-    contiguous block of ids). The counts go first and must reach the host (both layouts are
-    cut from them): that exchange completes here; the rows' transfer is left running."""
+    contiguous block of ids). The counts go first and their split sizes must reach the host:
+    that exchange completes here; the rows' exchange is left running."""
     P, El = ep_size, counts_E.numel() // ep_size
     recv_counts = torch.empty_like(counts_E)
     dist.all_to_all_single(recv_counts, counts_E.contiguous(), group=group)
     counts_PE = recv_counts.view(P, El)  # rows from source p for local expert j
-    mine, theirs = torch.stack([counts_E.view(P, El), counts_PE]).tolist()  # one host sync
-    exchange = EPExchange(ChunkLayout.of(mine, expert_major=False), ChunkLayout.of(theirs, expert_major=True),
-                          [p for p in range(P) for _ in range(El)], dist.get_rank(group), group, counts_PE.sum(0))
-    return EPDispatch(send_rows(x_MD, exchange, exchange.sorted, exchange.expert_major), exchange)
+    in_splits, out_splits = torch.stack([counts_E.view(P, El).sum(1), counts_PE.sum(1)]).tolist()  # one host sync
+    rows = send_rows(x_MD, out_splits, in_splits, group)
+    index = _source_major_to_expert_major(counts_PE, sum(out_splits))
+    inverse = torch.empty_like(index).scatter_(0, index, torch.arange(index.numel(), device=index.device))
+    return EPDispatch(rows, EPExchange(in_splits, out_splits, index, inverse, counts_PE.sum(0)))
+
+
+class _ReorderRows(torch.autograd.Function):
+    """rows[order] for a permutation `order`, whose backward is the gather by its inverse.
+    Autograd's own backward of indexing is an accumulating scatter into zeros, built for
+    repeated indices, which a permutation has none of."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return rows[order]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
 
 
 def ep_dispatch_finish(sent: EPDispatch) -> torch.Tensor:
     """The rows this rank's experts must compute, sorted by local expert."""
-    return receive_rows(sent.rows)
+    # received rows are ordered (source, local expert); the grouped product wants (expert, source)
+    exchange = sent.exchange
+    return _ReorderRows.apply(receive_rows(sent.rows), exchange.index, exchange.inverse)
 
 
-def ep_combine(y_sorted: torch.Tensor, exchange: EPExchange) -> torch.Tensor:
+def ep_combine(y_sorted: torch.Tensor, exchange: EPExchange, group) -> torch.Tensor:
     """Send the experts' outputs back to the ranks their rows came from, in their original order."""
-    return receive_rows(send_rows(y_sorted, exchange, exchange.expert_major, exchange.sorted))
+    y = _ReorderRows.apply(y_sorted, exchange.inverse, exchange.index)
+    return all_to_all(y, exchange.in_splits, exchange.out_splits, group)
+
+
+def _source_major_to_expert_major(counts_PE: torch.Tensor, total: int) -> torch.Tensor:
+    """Index that reorders rows grouped (source p, expert j) into (expert j, source p). total (the
+    row count, known on the host) keeps it free of device syncs while the rows are in flight."""
+    P, El = counts_PE.shape
+    starts_PE = (torch.cumsum(counts_PE.reshape(-1), 0) - counts_PE.reshape(-1)).view(P, El)
+    counts_EP, starts_EP = counts_PE.t().reshape(-1), starts_PE.t().reshape(-1)
+    dest_starts = torch.cumsum(counts_EP, 0) - counts_EP
+    shift = torch.repeat_interleave(starts_EP - dest_starts, counts_EP, output_size=total)
+    return torch.arange(total, device=counts_PE.device) + shift
 
 
 def parallelize_experts(model: nn.Module, ep_size: int, ep_rank: int, group=None) -> None:

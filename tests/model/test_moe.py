@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from model.config import MoEConfig
-from model.dispatch import BlockSum
+from model.dispatch import BlockSum, combine_rows, dispatch_rows, unpermute
 from model.layers import SwiGLU
-from model.moe import MoE, Routing, permute, route, sequence_balance_loss, unpermute
+from model.moe import MoE, Routing, permute, route, sequence_balance_loss
 
 
 def make_moe(seed: int, dim: int = 32, **overrides) -> MoE:
@@ -110,6 +110,26 @@ def test_fused_expert_step_equals_plain_autograd(impl, with_combine, chunks, cap
         if b is None:  # the rows path does not reach the gate
             assert a is None and not with_combine, name
             continue
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, float(b.abs().max())), name
+
+
+@pytest.mark.parametrize("capacity", [None, 5])
+def test_dispatch_and_combine_rows_equal_plain_autograd(capacity, seed):
+    """The permutation and combine of experts elsewhere (expert parallelism), whose backwards
+    are written out, give plain indexing's and `unpermute`'s output and gradients: tokens, expert
+    outputs and, through the combine weights, the gate; with copies dropped by a capacity."""
+    moe = make_moe(seed, top_k=3)
+    x = torch.randn(29, 32, requires_grad=True)
+    dispatch = permute(route(moe.gate(x), moe.expert_bias, moe.cfg), 8, capacity)
+    assert (dispatch.dropped > 0) == (capacity is not None), "the test needs dropped copies"
+    w = torch.randn(32, 32)
+    outs = [combine_rows(dispatch_rows(x, dispatch) @ w, dispatch),
+            unpermute(x[dispatch.token_index] @ w, dispatch)]
+    assert (outs[0] - outs[1]).abs().max() <= 1e-5
+    g = torch.randn_like(outs[1])
+    params = [x, moe.gate.weight]
+    written, plain = (torch.autograd.grad((out * g).sum(), params, retain_graph=True) for out in outs)
+    for name, a, b in zip(["x", "gate"], written, plain):
         assert (a - b).abs().max() <= 1e-5 * max(1.0, float(b.abs().max())), name
 
 
