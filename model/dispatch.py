@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from model.permute_kernel import fused_permute, fused_permute_applies
-from model.swiglu_kernels import HAVE_TRITON, gather_weighted_sum
+from model.swiglu_kernels import HAVE_TRITON, gather_scaled_rows, gather_weighted_sum
 
 
 @dataclass(frozen=True)
@@ -198,11 +198,9 @@ class _CombineRows(torch.autograd.Function):
     def backward(ctx, dout_ND: torch.Tensor):
         (y_MD,) = ctx.saved_tensors
         dispatch = ctx.dispatch
-        d_rows = dout_ND.contiguous()[dispatch.token_index]
-        d_weights = None
-        if ctx.needs_input_grad[1]:
-            d_weights = slot_values((d_rows * y_MD).sum(-1, dtype=torch.float32), dispatch)
-        return d_rows.mul_(dispatch.weights.detach()[:, None].to(d_rows.dtype)), d_weights, None
+        d_rows, dots = gather_scaled_rows(dout_ND, dispatch.token_index, dispatch.weights.detach(),
+                                          y_MD if ctx.needs_input_grad[1] else None)
+        return d_rows, None if dots is None else slot_values(dots, dispatch), None
 
 
 def dispatch_rows(x_ND: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
@@ -213,5 +211,6 @@ def dispatch_rows(x_ND: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
 
 def combine_rows(y_MD: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
     """`unpermute` for rows that came back from experts elsewhere; the backward gathers each
-    row's output gradient and takes one dot product per row for its combine weight."""
+    row's output gradient, scaled by its weight, and its dot product with the row (the weight's
+    gradient) in one pass."""
     return _CombineRows.apply(y_MD, dispatch.slot_weights, dispatch)

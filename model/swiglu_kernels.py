@@ -1,5 +1,6 @@
 """The expert step's memory-bound work as single-pass GPU kernels: SwiGLU forward and backward,
-and the gather + weighted sum that combines each token's expert rows.
+the gather + weighted sum that combines each token's expert rows, and the gather + scale (+ dot
+product) that is that combine's backward for rows computed elsewhere.
 
 In plain PyTorch, silu(g) * u and its backward make several full-size temporaries and passes,
 and the combine materializes every token's K rows before summing them; on a GPU with Triton
@@ -76,6 +77,26 @@ def gather_weighted_sum(rows_MD: torch.Tensor, slots_NK: torch.Tensor, weights_N
     return out
 
 
+def gather_scaled_rows(src_ND: torch.Tensor, index_M: torch.Tensor, weights_M: torch.Tensor,
+                       dot_with_MD: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weights[m] * src[index[m]] [M, D], <src[index[m]], dot_with[m]> [M] in fp32, or None):
+    each source row read once per copy, the products and dots in fp32. No autograd."""
+    src_ND = src_ND.contiguous()
+    if not _use_triton(src_ND):
+        rows = src_ND[index_M]
+        dots = None if dot_with_MD is None else (rows.float() * dot_with_MD.float()).sum(-1)
+        return rows.mul_(weights_M[:, None].to(rows.dtype)), dots
+    M, D = index_M.numel(), src_ND.shape[1]
+    out = torch.empty(M, D, dtype=src_ND.dtype, device=src_ND.device)
+    dots = torch.empty(M, dtype=torch.float32, device=src_ND.device) if dot_with_MD is not None else None
+    if M:
+        other = dot_with_MD.contiguous() if dot_with_MD is not None else out
+        _gather_scale_kernel[(M,)](src_ND, index_M.contiguous(), weights_M.contiguous(), other, out,
+                                   dots if dots is not None else weights_M, D, HAS_DOT=dot_with_MD is not None,
+                                   BLOCK=1024)
+    return out, dots
+
+
 def _use_triton(t: torch.Tensor) -> bool:
     return triton is not None and t.is_cuda and t.is_contiguous()
 
@@ -135,3 +156,20 @@ if triton is not None:
             vals = tl.load(rows_ptr + row * D + offs, mask=mask & (row >= 0) & (row < M), other=0.0).to(tl.float32)
             acc += w * vals
         tl.store(out_ptr + n * D + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gather_scale_kernel(src_ptr, index_ptr, w_ptr, other_ptr, out_ptr, dot_ptr, D, HAS_DOT: tl.constexpr,
+                             BLOCK: tl.constexpr):
+        m = tl.program_id(0).to(tl.int64)
+        src = tl.load(index_ptr + m).to(tl.int64) * D
+        w = tl.load(w_ptr + m).to(tl.float32)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, D, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < D
+            vals = tl.load(src_ptr + src + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_DOT:
+                acc += vals * tl.load(other_ptr + m * D + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + m * D + offs, (w * vals).to(out_ptr.dtype.element_ty), mask=mask)
+        if HAS_DOT:
+            tl.store(dot_ptr + m, tl.sum(acc, axis=0))

@@ -8,7 +8,7 @@ import torch
 from model.config import MoEConfig
 from model.dispatch import permute, unpermute
 from model.moe import MoE, route
-from model.swiglu_kernels import gather_weighted_sum, swiglu, swiglu_backward
+from model.swiglu_kernels import gather_scaled_rows, gather_weighted_sum, swiglu, swiglu_backward
 
 pytestmark = pytest.mark.gpu
 
@@ -43,6 +43,21 @@ def test_triton_gather_sum_equals_torch(weighted, seed):
     for r0 in range(0, 500, 128):
         gather_weighted_sum(rows[r0:r0 + 128], slots, weights, total, r0)
     assert rel(total, expected.sum(1)) <= 1e-6
+
+
+@pytest.mark.parametrize("dot", [True, False])
+def test_triton_gather_scale_equals_torch(dot, seed):
+    """The combine's backward for rows computed elsewhere: rows D wider than one block (2500 >
+    1024), tokens gathered repeatedly, in bf16 against fp32 on the CPU."""
+    src = torch.randn(90, 2500, device="cuda", dtype=torch.bfloat16)
+    index = torch.randint(0, 90, (400,), device="cuda")
+    weights = torch.rand(400, device="cuda")
+    other = torch.randn(400, 2500, device="cuda", dtype=torch.bfloat16) if dot else None
+    rows, dots = gather_scaled_rows(src, index, weights, other)
+    want_rows, want_dots = gather_scaled_rows(src.cpu().float(), index.cpu(), weights.cpu(),
+                                              other.cpu().float() if dot else None)
+    assert rel(rows, want_rows) <= 1e-2
+    assert (dots is None) == (not dot) and (not dot or rel(dots, want_dots) <= 1e-5)
 
 
 @pytest.mark.parametrize("capacity,chunks", [(None, 1), (40, 1), (None, 3), (40, 4)])
