@@ -10,11 +10,13 @@ as fused grouped GEMMs, combine, shared experts). Timed in the same run:
   two devices both ranks, experts split: throughput ratio = 2 x (one-device time) / (two-device time);
               the shared experts compute while the rows (and in backward their gradients) travel
   no overlap  the same two-device layer with each exchange waited for at once (`ExchangeFirst`): the
-              shared experts wait for the network, as before the overlap; overlap gain = its time
+              shared experts and the rank's own rows wait for the network; overlap gain = its time
               / the two-device time
-  moray comm  `ep_dispatch_start/finish` + `ep_combine` with the expert computation replaced by the identity,
-              forward and backward (counts exchange, host split sizes, rows out and back, both ways)
-  raw comm    the same four `all_to_all_single` calls with the splits known in advance
+  moray comm  `ep_dispatch_start/finish` + `ep_combine_start/finish` with the expert computation replaced
+              by the identity, forward and backward (counts exchange, host split sizes, rows out and
+              back, both ways; a rank's rows for its own experts stay, as in the layer)
+  raw comm    the same four `all_to_all_single` calls (the same rows crossing, no own rows) with the
+              splits known in advance
 
 Each rank checks its expert-parallel output against the one-device layer on its own tokens.
 
@@ -54,10 +56,11 @@ from torch import nn  # noqa: E402
 
 from actors.transport import Rendezvous, join_group  # noqa: E402
 from model.config import MoEConfig  # noqa: E402
+from model.expert_ffn import expert_swiglu  # noqa: E402
 from model.moe import MoE  # noqa: E402
 from timing import cuda_times  # noqa: E402  (benchmarks/timing.py)
-from train.expert_parallel import (ExpertParallelExperts, ep_combine, ep_dispatch_finish,  # noqa: E402
-                                   ep_dispatch_start, parallelize_experts)
+from train.expert_parallel import (ExpertParallelExperts, ep_combine_finish, ep_combine_start,  # noqa: E402
+                                   ep_dispatch_finish, ep_dispatch_start, parallelize_experts)
 
 SHAPES = {
     "v2-lite": (2048, dict(n_routed_experts=64, moe_inter_dim=1408, n_shared_experts=2, top_k=6)),
@@ -66,14 +69,21 @@ SHAPES = {
 
 
 class ExchangeFirst(nn.Module):
-    """The baseline without overlap: the same experts, the exchange completed inside `start`."""
+    """The baseline without overlap: the same experts, every exchange waited for as soon as it
+    starts (the own rows computed before the others' outputs are sent back), all inside `start`."""
 
     def __init__(self, experts: ExpertParallelExperts):
         super().__init__()
         self.inner = experts
 
     def start(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        return self.inner.finish(self.inner.start(x_MD, counts_E))
+        sent = self.inner.start(x_MD, counts_E)
+        rows, exchange = ep_dispatch_finish(sent), sent.exchange
+        w = self.inner.local_stacks()
+        y_own = expert_swiglu(sent.own_rows, *w, exchange.own_counts)
+        y_theirs = expert_swiglu(rows, *w, exchange.their_counts)
+        returning = ep_combine_start(y_theirs, exchange, self.inner.deepspeed_moe.ep_group)
+        return ep_combine_finish(returning, y_own, exchange)
 
     def finish(self, y_MD: torch.Tensor) -> torch.Tensor:
         return y_MD
@@ -177,18 +187,22 @@ class Rank:
         def moray_comm():
             rows.grad = None  # as in the layer: the gradient is stored, not added to an old one
             sent = ep_dispatch_start(rows, counts, 2, group)
-            ep_combine(ep_dispatch_finish(sent), sent.exchange, group).backward(rows.detach())
+            returning = ep_combine_start(ep_dispatch_finish(sent), sent.exchange, group)
+            ep_combine_finish(returning, sent.own_rows, sent.exchange).backward(rows.detach())
 
+        # the same bytes: each rank's rows for the other rank's experts, there and back
         in_splits = counts.view(2, -1).sum(1).tolist()
+        in_splits[self.rank] = 0
         peer_splits = [torch.zeros(2, dtype=torch.long, device=self.device) for _ in range(2)]
         dist.all_gather(peer_splits, torch.tensor(in_splits, device=self.device))
         out_splits = [int(peer_splits[p][self.rank]) for p in range(2)]
+        send = rows.detach()[:sum(in_splits)].contiguous()
         recv = torch.empty(sum(out_splits), self.dim, device=self.device, dtype=self.dtype)
-        back = torch.empty_like(rows)
+        back = torch.empty_like(send)
 
         def raw_comm():
             for _ in range(2):  # forward, then backward: out and back each time
-                dist.all_to_all_single(recv, rows.detach(), out_splits, in_splits)
+                dist.all_to_all_single(recv, send, out_splits, in_splits)
                 dist.all_to_all_single(back, recv, in_splits, out_splits)
 
         if profile_dir and self.device.type == "cuda":
@@ -196,7 +210,7 @@ class Rank:
                            "moray_comm": moray_comm, "raw_comm": raw_comm}, sm_carveout, profile_dir)
         return {"rank": self.rank, "rel_err": err, "one_s": one, "two_s": two, "serial_s": serial,
                 "moray_comm_s": self._timed(moray_comm, iters), "raw_comm_s": self._timed(raw_comm, iters),
-                "bytes_per_direction": M * self.dim * x.element_size()}
+                "bytes_per_direction": sum(in_splits) * self.dim * x.element_size()}
 
 
 def main() -> None:

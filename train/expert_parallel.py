@@ -15,6 +15,12 @@ shared experts' backward (created between the two in forward) runs while the gra
 travels; any other order is only slower, never wrong, since the wait sits in the node that
 produces the gradient.
 
+Rows for this rank's own experts never travel. The experts compute the rows other ranks sent
+first, so their outputs are on their way back while the experts compute this rank's own rows
+(and in backward, the own rows' gradients are computed while the others' travel). With two
+ranks the received rows come from one source and arrive already sorted by expert: no
+reordering pass on either side.
+
 The module is a `deepspeed.moe.layer.MoE` in DeepSpeed's eyes, with its parameters in
 DeepSpeed's per-expert layout (`deepspeed_moe.experts.deepspeed_experts.<i>.*`, tagged
 `allreduce=False` with the group name): the engine then reduces their gradients over the
@@ -105,11 +111,6 @@ def receive_rows(sent: RowsInFlight) -> torch.Tensor:
     return _ReceiveRows.apply(sent.buffer, sent.out_splits, sent.in_splits, sent.group, sent.work)
 
 
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    """The exchange with nothing to overlap: the gradient travels the reverse way."""
-    return receive_rows(send_rows(x, out_splits, in_splits, group))
-
-
 class _Expert(nn.Module):
     """One SwiGLU expert's weights, in the per-expert layout DeepSpeed checkpoints."""
 
@@ -164,48 +165,70 @@ class ExpertParallelExperts(DeepSpeedMoE):
         return ep_dispatch_start(x_MD, counts_E, self.ep_size, self.deepspeed_moe.ep_group)
 
     def finish(self, sent: EPDispatch | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """This rank's experts on the rows it received; their outputs go back where they came from."""
+        """This rank's experts on the rows it received; their outputs go back where they came from.
+        The other ranks' rows go first, so their outputs travel back while the experts compute
+        this rank's own rows, which never left it."""
         w_gate, w_up, w_down = self.local_stacks()
         if self.ep_size == 1:
             x_MD, counts_E = sent
             return expert_swiglu(x_MD, w_gate, w_up, w_down, counts_E)
-        rows = ep_dispatch_finish(sent)
-        y = expert_swiglu(rows, w_gate, w_up, w_down, sent.exchange.local_counts)
-        return ep_combine(y, sent.exchange, self.deepspeed_moe.ep_group)
+        exchange = sent.exchange
+        y_theirs = expert_swiglu(ep_dispatch_finish(sent), w_gate, w_up, w_down, exchange.their_counts)
+        returning = ep_combine_start(y_theirs, exchange, self.deepspeed_moe.ep_group)
+        y_own = expert_swiglu(sent.own_rows, w_gate, w_up, w_down, exchange.own_counts)
+        return ep_combine_finish(returning, y_own, exchange)
 
 
 @dataclass(frozen=True)
 class EPExchange:
-    """What `ep_dispatch_start` did, for `ep_combine` to undo: no state kept between the two."""
+    """What `ep_dispatch_start` did, for the combine to undo: no state kept between the two.
+    Only rows for other ranks travel (the splits to and from this rank itself are 0)."""
 
     in_splits: list[int]  # rows this rank sent to each rank
     out_splits: list[int]  # rows this rank received from each rank
-    index: torch.Tensor  # expert-major row i is received (source, expert)-ordered row index[i]
-    inverse: torch.Tensor  # and back: received row j is expert-major row inverse[j]
-    local_counts: torch.Tensor  # rows per local expert, all sources together
+    own: slice  # this rank's rows for its own experts, within its rows sorted by global expert
+    reorder: tuple[torch.Tensor, torch.Tensor] | None  # received (source, expert) -> (expert, source)
+    # order and back; None when one other rank sends (ep_size 2): its rows arrive expert-major
+    their_counts: torch.Tensor  # received rows per local expert
+    own_counts: torch.Tensor  # this rank's own rows per local expert
 
 
 @dataclass(frozen=True)
 class EPDispatch:
-    """Rows on their way to their experts' ranks (`ep_dispatch_start`)."""
+    """Rows on their way to their experts' ranks (`ep_dispatch_start`), and those that stay."""
 
     rows: RowsInFlight
+    own_rows: torch.Tensor
     exchange: EPExchange
 
 
+def _without(x: torch.Tensor, part: slice) -> torch.Tensor:
+    """x's rows outside `part` (a view when `part` is at either end)."""
+    if part.start == 0:
+        return x[part.stop:]
+    return x[:part.start] if part.stop == x.shape[0] else torch.cat([x[:part.start], x[part.stop:]])
+
+
 def ep_dispatch_start(x_MD: torch.Tensor, counts_E: torch.Tensor, ep_size: int, group) -> EPDispatch:
-    """Start sending rows sorted by global expert to the ranks owning them (rank p owns a
-    contiguous block of ids). The counts go first and their split sizes must reach the host:
-    that exchange completes here; the rows' exchange is left running."""
-    P, El = ep_size, counts_E.numel() // ep_size
+    """Start sending rows sorted by global expert to the other ranks owning them (rank p owns a
+    contiguous block of ids); this rank's rows for its own experts stay. The counts go first and
+    their split sizes must reach the host: that exchange completes here; the rows' is left
+    running."""
+    P, El, rank = ep_size, counts_E.numel() // ep_size, dist.get_rank(group)
     recv_counts = torch.empty_like(counts_E)
     dist.all_to_all_single(recv_counts, counts_E.contiguous(), group=group)
-    counts_PE = recv_counts.view(P, El)  # rows from source p for local expert j
+    counts_PE = recv_counts.view(P, El).clone()  # rows from source p for local expert j
+    own_counts = counts_PE[rank].clone()
+    counts_PE[rank] = 0
     in_splits, out_splits = torch.stack([counts_E.view(P, El).sum(1), counts_PE.sum(1)]).tolist()  # one host sync
-    rows = send_rows(x_MD, out_splits, in_splits, group)
-    index = _source_major_to_expert_major(counts_PE, sum(out_splits))
-    inverse = torch.empty_like(index).scatter_(0, index, torch.arange(index.numel(), device=index.device))
-    return EPDispatch(rows, EPExchange(in_splits, out_splits, index, inverse, counts_PE.sum(0)))
+    own = slice(sum(in_splits[:rank]), sum(in_splits[:rank + 1]))
+    in_splits[rank] = 0
+    rows = send_rows(_without(x_MD, own), out_splits, in_splits, group)
+    reorder = None
+    if P > 2:
+        index = _source_major_to_expert_major(counts_PE, sum(out_splits))
+        reorder = index, torch.empty_like(index).scatter_(0, index, torch.arange(index.numel(), device=index.device))
+    return EPDispatch(rows, x_MD[own], EPExchange(in_splits, out_splits, own, reorder, counts_PE.sum(0), own_counts))
 
 
 class _ReorderRows(torch.autograd.Function):
@@ -225,16 +248,24 @@ class _ReorderRows(torch.autograd.Function):
 
 
 def ep_dispatch_finish(sent: EPDispatch) -> torch.Tensor:
-    """The rows this rank's experts must compute, sorted by local expert."""
+    """The rows the other ranks sent this rank's experts, sorted by local expert."""
+    rows, reorder = receive_rows(sent.rows), sent.exchange.reorder
     # received rows are ordered (source, local expert); the grouped product wants (expert, source)
-    exchange = sent.exchange
-    return _ReorderRows.apply(receive_rows(sent.rows), exchange.index, exchange.inverse)
+    return rows if reorder is None else _ReorderRows.apply(rows, *reorder)
 
 
-def ep_combine(y_sorted: torch.Tensor, exchange: EPExchange, group) -> torch.Tensor:
-    """Send the experts' outputs back to the ranks their rows came from, in their original order."""
-    y = _ReorderRows.apply(y_sorted, exchange.inverse, exchange.index)
-    return all_to_all(y, exchange.in_splits, exchange.out_splits, group)
+def ep_combine_start(y_theirs: torch.Tensor, exchange: EPExchange, group) -> RowsInFlight:
+    """Start sending the experts' outputs for other ranks' rows back where they came from."""
+    if exchange.reorder is not None:
+        index, inverse = exchange.reorder
+        y_theirs = _ReorderRows.apply(y_theirs, inverse, index)
+    return send_rows(y_theirs, exchange.in_splits, exchange.out_splits, group)
+
+
+def ep_combine_finish(returning: RowsInFlight, y_own: torch.Tensor, exchange: EPExchange) -> torch.Tensor:
+    """All outputs in this rank's sorted order: those that came back, and its own rows' in place."""
+    back, own = receive_rows(returning), exchange.own
+    return torch.cat([back[:own.start], y_own, back[own.start:]])
 
 
 def _source_major_to_expert_major(counts_PE: torch.Tensor, total: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
-"""Expert-parallel MoE layer over real torch.distributed processes (2 ranks; gloo, and NCCL on
-2 GPUs): the overlapped exchange gives the single-process layer's output and every gradient,
-and the shared experts really run while the rows (forward) and their gradients (backward) are
-in flight.
+"""Expert-parallel MoE layer over real torch.distributed processes (2 and 4 ranks on gloo, 2 on
+NCCL with 2 GPUs): the overlapped exchange gives the single-process layer's output and every gradient,
+and the shared experts and a rank's own rows really run while the rows (forward) and their
+gradients (backward) are in flight.
 
 One spawn per backend runs every case, so the processes start (torch, DeepSpeed imports) once.
 """
@@ -22,7 +22,7 @@ from model.config import MoEConfig
 from model.moe import MoE
 from train.expert_parallel import parallelize_experts
 
-WORLD, DIM, TOKENS = 2, 16, 24
+DIM, TOKENS = 16, 24
 
 
 def _layer(seed: int, shared: bool) -> MoE:
@@ -37,14 +37,15 @@ def _layer(seed: int, shared: bool) -> MoE:
 def _differences(rank: int, seed: int, shared: bool, starve_last_rank: bool, device: torch.device) -> dict:
     """Max differences (relative for weight gradients) of the expert-parallel layer from the
     single-process layer: output, input gradient, every parameter's gradient."""
+    world = dist.get_world_size()
     full = _layer(seed, shared).to(device)
     if starve_last_rank:  # the selection bias keeps every token off the last rank's experts: it receives no rows
-        full.expert_bias[8 - 8 // WORLD:] = -100.0
+        full.expert_bias[8 - 8 // world:] = -100.0
     ep = copy.deepcopy(full)
-    parallelize_experts(ep, WORLD, rank, dist.group.WORLD)
+    parallelize_experts(ep, world, rank, dist.group.WORLD)
 
     g = torch.Generator().manual_seed(seed + 1)  # every rank draws every rank's tokens, keeps its own
-    xs, douts = (torch.randn(WORLD, TOKENS, DIM, generator=g).to(device) for _ in range(2))
+    xs, douts = (torch.randn(world, TOKENS, DIM, generator=g).to(device) for _ in range(2))
     x_all = xs.reshape(1, -1, DIM).requires_grad_()
     ref, _ = full(x_all)
     ref.backward(douts.reshape(1, -1, DIM))
@@ -52,10 +53,10 @@ def _differences(rank: int, seed: int, shared: bool, starve_last_rank: bool, dev
     out, _ = ep(x)
     out.backward(douts[rank][None])
 
-    diff = {"output": (out[0] - ref.view(WORLD, TOKENS, DIM)[rank]).abs().max(),
-            "input grad": (x.grad[0] - x_all.grad.view(WORLD, TOKENS, DIM)[rank]).abs().max()}
+    diff = {"output": (out[0] - ref.view(world, TOKENS, DIM)[rank]).abs().max(),
+            "input grad": (x.grad[0] - x_all.grad.view(world, TOKENS, DIM)[rank]).abs().max()}
     # expert weights: this rank's slice of the full layer's gradients (every rank's tokens reach them)
-    n_local = 8 // WORLD
+    n_local = 8 // world
     for name in ("w_gate", "w_up", "w_down"):
         grad = torch.stack([getattr(e, name).grad for e in ep.experts.deepspeed_moe.experts.deepspeed_experts])
         want = getattr(full.experts, name).grad[rank * n_local:(rank + 1) * n_local]
@@ -69,7 +70,7 @@ def _differences(rank: int, seed: int, shared: bool, starve_last_rank: bool, dev
             diff[f"{name} grad"] = (summed - want).abs().max() / max(1.0, float(want.abs().max()))
     case = f"rank {rank} shared={shared} starved={starve_last_rank}"
     result = {f"{case}: {k}": float(v) for k, v in diff.items()}
-    if starve_last_rank and rank == WORLD - 1:  # the premise: this rank's experts saw no row
+    if starve_last_rank and rank == world - 1:  # the premise: this rank's experts saw no row
         result[f"{case}: rows received"] = sum(float(p.grad.abs().sum()) for p in ep.experts.parameters())
     return result
 
@@ -78,7 +79,7 @@ def _event_order(rank: int, seed: int, device: torch.device) -> tuple[list[str],
     """The exchange steps and the SwiGLU products (routed and shared) in the order the host ran them."""
     full = _layer(seed, shared=True).to(device)
     ep = copy.deepcopy(full)
-    parallelize_experts(ep, WORLD, rank, dist.group.WORLD)
+    parallelize_experts(ep, dist.get_world_size(), rank, dist.group.WORLD)
     x = torch.randn(1, TOKENS, DIM, device=device, requires_grad=True)
     wanted = ("_SendRows", "_ReceiveRows", "_ExpertSwiGLU")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -92,11 +93,11 @@ def _event_order(rank: int, seed: int, device: torch.device) -> tuple[list[str],
     return names[:split], names[split:]
 
 
-def _worker(rank: int, backend: str, port: int, seed: int, results) -> None:
+def _worker(rank: int, backend: str, world: int, port: int, seed: int, results) -> None:
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         diffs = {}
         for shared, starve in itertools.product((True, False), (False, True)):
@@ -106,21 +107,25 @@ def _worker(rank: int, backend: str, port: int, seed: int, results) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module", params=["gloo", pytest.param("nccl", marks=pytest.mark.gpu)])
+@pytest.fixture(scope="module", params=[("gloo", 2), ("gloo", 4), pytest.param(("nccl", 2), marks=pytest.mark.gpu)],
+                ids=["gloo-2", "gloo-4", "nccl-2"])
 def run(request):
-    if request.param == "nccl" and torch.cuda.device_count() < WORLD:
-        pytest.skip(f"needs {WORLD} CUDA GPUs")
+    """Every rank's results; with 4 ranks each receives rows from several others, which must be
+    reordered by expert (2 ranks: one sender, rows arrive in order)."""
+    backend, world = request.param
+    if backend == "nccl" and torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} CUDA GPUs")
     seed = random.SystemRandom().randrange(2**31)
-    print(f"expert-parallel processes ({request.param}): seed {seed}")
+    print(f"expert-parallel processes ({backend}, {world} ranks): seed {seed}")
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(request.param, free_port("127.0.0.1"), seed, results), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(backend, world, free_port("127.0.0.1"), seed, results), nprocs=world, join=True)
     return dict(results)
 
 
 def test_overlapped_exchange_equals_the_single_process_layer(run):
     """Output, input gradient, expert, gate and shared-expert gradients, with and without shared
     experts, with random routing and with a rank that receives no rows."""
-    assert sorted(run) == list(range(WORLD))
+    assert sorted(run) == list(range(len(run))) and len(run) in (2, 4)
     for diffs, _ in run.values():
         for case, diff in diffs.items():
             if case.endswith("rows received"):
@@ -130,12 +135,15 @@ def test_overlapped_exchange_equals_the_single_process_layer(run):
 
 
 def test_shared_experts_run_while_rows_and_gradients_travel(run):
+    """And a rank's own rows (which never travel) are computed while the other ranks' outputs,
+    and in backward their gradients, travel."""
     for rank, (_, (forward, backward)) in run.items():
-        # dispatch sent, shared experts, dispatch received, routed experts, combine sent and received
+        # dispatch sent, shared experts, dispatch received, routed experts on the other rank's
+        # rows, their outputs sent back, routed experts on the own rows, outputs received
         assert forward == ["_SendRows", "_ExpertSwiGLU", "_ReceiveRows", "_ExpertSwiGLU", "_SendRows",
-                           "_ReceiveRows"], f"rank {rank}: {forward}"
-        # the combine's gradient exchange, routed experts' backward, then the dispatch's gradient
-        # exchange started, the shared experts' backward, and only then the wait for it
-        assert backward == ["_ReceiveRowsBackward", "_SendRowsBackward", "_ExpertSwiGLUBackward",
-                            "_ReceiveRowsBackward", "_ExpertSwiGLUBackward", "_SendRowsBackward"], \
-            f"rank {rank}: {backward}"
+                           "_ExpertSwiGLU", "_ReceiveRows"], f"rank {rank}: {forward}"
+        # the returned outputs' gradients sent, the own rows' backward, the wait; the other rank's
+        # rows' backward; their gradients sent, the shared experts' backward, and only then the wait
+        assert backward == ["_ReceiveRowsBackward", "_ExpertSwiGLUBackward", "_SendRowsBackward",
+                            "_ExpertSwiGLUBackward", "_ReceiveRowsBackward", "_ExpertSwiGLUBackward",
+                            "_SendRowsBackward"], f"rank {rank}: {backward}"
