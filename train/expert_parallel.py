@@ -202,11 +202,26 @@ class EPDispatch:
     exchange: EPExchange
 
 
-def _without(x: torch.Tensor, part: slice) -> torch.Tensor:
-    """x's rows outside `part` (a view when `part` is at either end)."""
-    if part.start == 0:
-        return x[part.stop:]
-    return x[:part.start] if part.stop == x.shape[0] else torch.cat([x[:part.start], x[part.stop:]])
+class _SplitRows(torch.autograd.Function):
+    """(rows outside `part`, rows in `part`), each one tensor; the backward joins the two
+    gradients in one pass (autograd's slicing backward would make a zero [M, D] tensor per slice
+    and add them)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, part: slice):
+        ctx.part = part
+        if part.start == 0:
+            rest = x[part.stop:]
+        elif part.stop == x.shape[0]:
+            rest = x[:part.start]
+        else:
+            rest = torch.cat([x[:part.start], x[part.stop:]])
+        return rest, x[part]
+
+    @staticmethod
+    def backward(ctx, d_rest: torch.Tensor, d_part: torch.Tensor):
+        start = ctx.part.start
+        return torch.cat([d_rest[:start], d_part, d_rest[start:]]), None
 
 
 def ep_dispatch_start(x_MD: torch.Tensor, counts_E: torch.Tensor, ep_size: int, group) -> EPDispatch:
@@ -223,12 +238,13 @@ def ep_dispatch_start(x_MD: torch.Tensor, counts_E: torch.Tensor, ep_size: int, 
     in_splits, out_splits = torch.stack([counts_E.view(P, El).sum(1), counts_PE.sum(1)]).tolist()  # one host sync
     own = slice(sum(in_splits[:rank]), sum(in_splits[:rank + 1]))
     in_splits[rank] = 0
-    rows = send_rows(_without(x_MD, own), out_splits, in_splits, group)
+    theirs, own_rows = _SplitRows.apply(x_MD, own)
+    rows = send_rows(theirs, out_splits, in_splits, group)
     reorder = None
     if P > 2:
         index = _source_major_to_expert_major(counts_PE, sum(out_splits))
         reorder = index, torch.empty_like(index).scatter_(0, index, torch.arange(index.numel(), device=index.device))
-    return EPDispatch(rows, x_MD[own], EPExchange(in_splits, out_splits, own, reorder, counts_PE.sum(0), own_counts))
+    return EPDispatch(rows, own_rows, EPExchange(in_splits, out_splits, own, reorder, counts_PE.sum(0), own_counts))
 
 
 class _ReorderRows(torch.autograd.Function):
