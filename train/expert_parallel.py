@@ -202,26 +202,45 @@ class EPDispatch:
     exchange: EPExchange
 
 
+def _split(x: torch.Tensor, part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x's rows outside `part`, rows in `part`): views, unless `part` lies inside (one copy)."""
+    if part.start == 0:
+        return x[part.stop:], x[part]
+    if part.stop == x.shape[0]:
+        return x[:part.start], x[part]
+    return torch.cat([x[:part.start], x[part.stop:]]), x[part]
+
+
+def _join(rest: torch.Tensor, part_rows: torch.Tensor, start: int) -> torch.Tensor:
+    """The inverse of `_split`: `part_rows` put back between rest's first `start` rows and the others."""
+    return torch.cat([rest[:start], part_rows, rest[start:]])
+
+
 class _SplitRows(torch.autograd.Function):
-    """(rows outside `part`, rows in `part`), each one tensor; the backward joins the two
-    gradients in one pass (autograd's slicing backward would make a zero [M, D] tensor per slice
-    and add them)."""
+    """`_split` whose backward is `_join`: one pass for the two gradients, where autograd's
+    slicing backward would make a zero [M, D] tensor per slice and add them."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, part: slice):
         ctx.part = part
-        if part.start == 0:
-            rest = x[part.stop:]
-        elif part.stop == x.shape[0]:
-            rest = x[:part.start]
-        else:
-            rest = torch.cat([x[:part.start], x[part.stop:]])
-        return rest, x[part]
+        return _split(x, part)
 
     @staticmethod
     def backward(ctx, d_rest: torch.Tensor, d_part: torch.Tensor):
-        start = ctx.part.start
-        return torch.cat([d_rest[:start], d_part, d_rest[start:]]), None
+        return _join(d_rest, d_part, ctx.part.start), None
+
+
+class _JoinRows(torch.autograd.Function):
+    """`_join` whose backward is `_split` (views of the gradient with 2 ranks)."""
+
+    @staticmethod
+    def forward(ctx, rest: torch.Tensor, part_rows: torch.Tensor, part: slice):
+        ctx.part = part
+        return _join(rest, part_rows, part.start)
+
+    @staticmethod
+    def backward(ctx, d_x: torch.Tensor):
+        return *_split(d_x, ctx.part), None
 
 
 def ep_dispatch_start(x_MD: torch.Tensor, counts_E: torch.Tensor, ep_size: int, group) -> EPDispatch:
@@ -280,8 +299,7 @@ def ep_combine_start(y_theirs: torch.Tensor, exchange: EPExchange, group) -> Row
 
 def ep_combine_finish(returning: RowsInFlight, y_own: torch.Tensor, exchange: EPExchange) -> torch.Tensor:
     """All outputs in this rank's sorted order: those that came back, and its own rows' in place."""
-    back, own = receive_rows(returning), exchange.own
-    return torch.cat([back[:own.start], y_own, back[own.start:]])
+    return _JoinRows.apply(receive_rows(returning), y_own, exchange.own)
 
 
 def _source_major_to_expert_major(counts_PE: torch.Tensor, total: int) -> torch.Tensor:
