@@ -56,6 +56,8 @@ class _Work:
     def wait(self) -> torch.Tensor:
         self.handle.wait()
         out, self.handle, self.out = self.out, None, None  # nothing outlives its use
+        if out.is_cuda:  # launched from another stream maybe: the allocator must know who reads it now
+            out.record_stream(torch.cuda.current_stream(out.device))
         return out
 
 
@@ -158,21 +160,21 @@ class ExpertParallelExperts(DeepSpeedMoE):
         experts = self.deepspeed_moe.experts.deepspeed_experts
         return tuple(torch.stack([getattr(e, name) for e in experts]) for name in ("w_gate", "w_up", "w_down"))
 
-    def start(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> EPDispatch | tuple[torch.Tensor, torch.Tensor]:
-        """Send rows sorted by global expert to the ranks owning them (one rank: nothing to send)."""
+    def start(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> PendingDispatch | tuple[torch.Tensor, torch.Tensor]:
+        """Exchange the counts of the rows for each expert (one rank: nothing to send); the rows go in `finish`."""
         if self.ep_size == 1:
             return x_MD, counts_E
         return ep_dispatch_start(x_MD, counts_E, self.ep_size, self.deepspeed_moe.ep_group)
 
-    def finish(self, sent: EPDispatch | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def finish(self, pending: PendingDispatch | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """This rank's experts on the rows it received; their outputs go back where they came from.
         The other ranks' rows go first, so their outputs travel back while the experts compute
         this rank's own rows, which never left it."""
-        w_gate, w_up, w_down = self.local_stacks()
         if self.ep_size == 1:
-            x_MD, counts_E = sent
-            return expert_swiglu(x_MD, w_gate, w_up, w_down, counts_E)
-        exchange = sent.exchange
+            x_MD, counts_E = pending
+            return expert_swiglu(x_MD, *self.local_stacks(), counts_E)
+        sent = ep_dispatch_send(pending)
+        exchange, (w_gate, w_up, w_down) = sent.exchange, self.local_stacks()
         y_theirs = expert_swiglu(ep_dispatch_finish(sent), w_gate, w_up, w_down, exchange.their_counts)
         returning = ep_combine_start(y_theirs, exchange, self.deepspeed_moe.ep_group)
         y_own = expert_swiglu(sent.own_rows, w_gate, w_up, w_down, exchange.own_counts)
@@ -243,27 +245,89 @@ class _JoinRows(torch.autograd.Function):
         return *_split(d_x, ctx.part), None
 
 
-def ep_dispatch_start(x_MD: torch.Tensor, counts_E: torch.Tensor, ep_size: int, group) -> EPDispatch:
-    """Start sending rows sorted by global expert to the other ranks owning them (rank p owns a
-    contiguous block of ids); this rank's rows for its own experts stay. The counts go first and
-    their split sizes must reach the host: that exchange completes here; the rows' is left
-    running."""
-    P, El, rank = ep_size, counts_E.numel() // ep_size, dist.get_rank(group)
+@dataclass
+class PendingDispatch:
+    """A dispatch whose counts were exchanged (`ep_dispatch_start`); its rows are sent by
+    `ep_dispatch_send`."""
+
+    x_MD: torch.Tensor
+    recv_counts: torch.Tensor  # [P, El] rows from source p for local expert j
+    host_counts: torch.Tensor  # [2, P, El] this rank's counts and the received ones, on their way to the host
+    copied: torch.cuda.Event | None  # when host_counts is filled (None: already, on the CPU)
+    rows_ready: torch.cuda.Event | None  # the rows are computed (the side stream's only dependency)
+    group: object
+    sent: EPDispatch | None = None
+
+
+def ep_dispatch_start(x_MD: torch.Tensor, counts_E: torch.Tensor, ep_size: int, group) -> PendingDispatch:
+    """Exchange the per-expert counts and start copying them to the host, where the split sizes
+    are needed. On a GPU nothing waits here: the rows go in `ep_dispatch_send`, so what the
+    caller queues in between (the shared experts) neither delays the host read nor the rows'
+    exchange. On the CPU the host read is free and the rows go at once (computing the shared
+    experts while they travel)."""
+    P, El = ep_size, counts_E.numel() // ep_size
     recv_counts = torch.empty_like(counts_E)
     dist.all_to_all_single(recv_counts, counts_E.contiguous(), group=group)
-    counts_PE = recv_counts.view(P, El).clone()  # rows from source p for local expert j
-    own_counts = counts_PE[rank].clone()
-    counts_PE[rank] = 0
-    in_splits, out_splits = torch.stack([counts_E.view(P, El).sum(1), counts_PE.sum(1)]).tolist()  # one host sync
-    own = slice(sum(in_splits[:rank]), sum(in_splits[:rank + 1]))
-    in_splits[rank] = 0
-    theirs, own_rows = _SplitRows.apply(x_MD, own)
-    rows = send_rows(theirs, out_splits, in_splits, group)
+    both = torch.stack([counts_E.view(P, El), recv_counts.view(P, El)])
+    if not both.is_cuda:
+        pending = PendingDispatch(x_MD, recv_counts.view(P, El), both, None, None, group)
+        ep_dispatch_send(pending)
+        return pending
+    host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+    host.copy_(both, non_blocking=True)
+    copied, rows_ready = torch.cuda.Event(), torch.cuda.Event()
+    copied.record()
+    rows_ready.record()
+    return PendingDispatch(x_MD, recv_counts.view(P, El), host, copied, rows_ready, group)
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One stream per device that launches the rows' exchange: NCCL's stream waits for the
+    stream that launches a collective, so launched from the compute stream the exchange would
+    wait for everything queued there (the shared experts) instead of running beside it."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def ep_dispatch_send(pending: PendingDispatch) -> EPDispatch:
+    """Send the rows sorted by global expert to the other ranks owning them (rank p owns a
+    contiguous block of ids); this rank's rows for its own experts stay. Waits for the counts'
+    host copy only. Sends once: later calls return the same dispatch."""
+    if pending.sent is None:
+        pending.sent = _send(pending)
+    return pending.sent
+
+
+def _send(pending: PendingDispatch) -> EPDispatch:
+    if pending.copied is not None:
+        pending.copied.synchronize()
+    group, (P, El) = pending.group, pending.recv_counts.shape
+    rank = dist.get_rank(group)
+    sent_PE, counts_PE = pending.host_counts.tolist()
+    own = slice(sum(map(sum, sent_PE[:rank])), sum(map(sum, sent_PE[:rank + 1])))
+    in_splits = [0 if p == rank else sum(sent_PE[p]) for p in range(P)]
+    out_splits = [0 if p == rank else sum(counts_PE[p]) for p in range(P)]
+    their_PE = pending.recv_counts.clone()
+    their_PE[rank] = 0
     reorder = None
     if P > 2:
-        index = _source_major_to_expert_major(counts_PE, sum(out_splits))
+        index = _source_major_to_expert_major(their_PE, sum(out_splits))
         reorder = index, torch.empty_like(index).scatter_(0, index, torch.arange(index.numel(), device=index.device))
-    return EPDispatch(rows, own_rows, EPExchange(in_splits, out_splits, own, reorder, counts_PE.sum(0), own_counts))
+    exchange = EPExchange(in_splits, out_splits, own, reorder, their_PE.sum(0), pending.recv_counts[rank])
+    x_MD = pending.x_MD
+    if pending.rows_ready is None:
+        theirs, own_rows = _SplitRows.apply(x_MD, own)
+        return EPDispatch(send_rows(theirs, out_splits, in_splits, group), own_rows, exchange)
+    side = _side_stream(x_MD.device)
+    side.wait_event(pending.rows_ready)
+    with torch.cuda.stream(side):
+        theirs, own_rows = _SplitRows.apply(x_MD, own)
+        rows = send_rows(theirs, out_splits, in_splits, group)
+    return EPDispatch(rows, own_rows, exchange)
 
 
 class _ReorderRows(torch.autograd.Function):

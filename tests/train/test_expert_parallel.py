@@ -102,7 +102,7 @@ def _worker(rank: int, backend: str, world: int, port: int, seed: int, results) 
         diffs = {}
         for shared, starve in itertools.product((True, False), (False, True)):
             diffs.update(_differences(rank, seed, shared, starve, device))
-        results[rank] = diffs, _event_order(rank, seed, device)
+        results[rank] = diffs, _event_order(rank, seed, device), device.type
     finally:
         dist.destroy_process_group()
 
@@ -126,7 +126,7 @@ def test_overlapped_exchange_equals_the_single_process_layer(run):
     """Output, input gradient, expert, gate and shared-expert gradients, with and without shared
     experts, with random routing and with a rank that receives no rows."""
     assert sorted(run) == list(range(len(run))) and len(run) in (2, 4)
-    for diffs, _ in run.values():
+    for diffs, _, _ in run.values():
         for case, diff in diffs.items():
             if case.endswith("rows received"):
                 assert diff == 0, f"{case}: the starved rank's experts got gradient"
@@ -137,12 +137,16 @@ def test_overlapped_exchange_equals_the_single_process_layer(run):
 def test_shared_experts_run_while_rows_and_gradients_travel(run):
     """And a rank's own rows (which never travel) are computed while the other ranks' outputs,
     and in backward their gradients, travel."""
-    for rank, (_, (forward, backward)) in run.items():
-        # dispatch sent, shared experts, dispatch received, routed experts on the other rank's
-        # rows, their outputs sent back, routed experts on the own rows, outputs received
-        assert forward == ["_SendRows", "_ExpertSwiGLU", "_ReceiveRows", "_ExpertSwiGLU", "_SendRows",
-                           "_ExpertSwiGLU", "_ReceiveRows"], f"rank {rank}: {forward}"
-        # the returned outputs' gradients sent, the own rows' backward, the wait; the other rank's
+    for rank, (_, (forward, backward), device) in run.items():
+        # CPU: dispatch sent, shared experts, dispatch received. GPU: the shared experts are
+        # queued first and the rows sent after them from a side stream that waits only for the
+        # rows (a send from the compute stream would wait for the shared experts on the device)
+        dispatch = ["_SendRows", "_ExpertSwiGLU"] if device == "cpu" else ["_ExpertSwiGLU", "_SendRows"]
+        # then the routed experts on the other ranks' rows, their outputs sent back, the routed
+        # experts on the own rows, the outputs received
+        assert forward == dispatch + ["_ReceiveRows", "_ExpertSwiGLU", "_SendRows", "_ExpertSwiGLU",
+                                      "_ReceiveRows"], f"rank {rank}: {forward}"
+        # the returned outputs' gradients sent, the own rows' backward, the wait; the other ranks'
         # rows' backward; their gradients sent, the shared experts' backward, and only then the wait
         assert backward == ["_ReceiveRowsBackward", "_ExpertSwiGLUBackward", "_SendRowsBackward",
                             "_ExpertSwiGLUBackward", "_ReceiveRowsBackward", "_ExpertSwiGLUBackward",
