@@ -95,18 +95,20 @@ class RoutedExperts(nn.Module):
 
 
 class RemoteRoutedExperts(Protocol):
-    """Routed experts that live elsewhere: the rows go out in `start`, come back in `finish`.
+    """Routed experts that live elsewhere: the rows are handed over in `start`, their outputs
+    come back from `finish`.
 
-    Whatever the layer computes between the two (its shared experts) overlaps the exchange;
-    an implementation with autograd makes its backward overlap the same way (the gradient
-    exchange starts in the backward of `finish`'s step and is waited for in `start`'s).
+    Whatever the layer computes between the two (its shared experts) overlaps the exchange: the
+    rows travel while it computes, whether `start` sends them at once or, as the expert-parallel
+    training path on GPUs does, `finish` sends them on a stream that does not wait for it. An
+    implementation with autograd makes its backward overlap the same way.
     """
 
     def start(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> Any:
-        """Rows sorted by global expert id (counts_E each): send them; returns what `finish` needs."""
+        """Rows sorted by global expert id (counts_E each); returns what `finish` needs."""
 
     def finish(self, in_flight: Any) -> torch.Tensor:
-        """The experts' outputs [M, D] for the rows `start` sent, in the same order."""
+        """The experts' outputs [M, D] for the rows given to `start`, in the same order."""
 
 
 def sequence_balance_loss(routing: Routing, batch: int, cfg: MoEConfig) -> torch.Tensor:
