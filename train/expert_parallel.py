@@ -15,6 +15,12 @@ shared experts' backward (created between the two in forward) runs while the gra
 travels; any other order is only slower, never wrong, since the wait sits in the node that
 produces the gradient.
 
+On GPUs `start` only exchanges the per-expert counts and queues their copy to the host; the
+rows go in `finish`, launched from a side stream that waits for nothing but the rows, so the
+host's read of the split sizes does not wait for the shared experts and the exchange runs
+beside them on the device (from the compute stream, NCCL's stream would wait for them). On the
+CPU the host read is free and `start` sends the rows at once.
+
 Rows for this rank's own experts never travel. The experts compute the rows other ranks sent
 first, so their outputs are on their way back while the experts compute this rank's own rows
 (and in backward, the own rows' gradients are computed while the others' travel). With two
@@ -183,7 +189,7 @@ class ExpertParallelExperts(DeepSpeedMoE):
 
 @dataclass(frozen=True)
 class EPExchange:
-    """What `ep_dispatch_start` did, for the combine to undo: no state kept between the two.
+    """What `ep_dispatch_send` did, for the combine to undo: no state kept between the two.
     Only rows for other ranks travel (the splits to and from this rank itself are 0)."""
 
     in_splits: list[int]  # rows this rank sent to each rank
@@ -197,7 +203,7 @@ class EPExchange:
 
 @dataclass(frozen=True)
 class EPDispatch:
-    """Rows on their way to their experts' ranks (`ep_dispatch_start`), and those that stay."""
+    """Rows on their way to their experts' ranks (`ep_dispatch_send`), and those that stay."""
 
     rows: RowsInFlight
     own_rows: torch.Tensor
