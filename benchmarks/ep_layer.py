@@ -27,9 +27,10 @@ baseline keeps every SM.
 
 `--profile DIR` records one more call of each variant at the largest token count with
 torch.profiler on every rank and writes each rank's kernel table (`<variant>_rank<r>.txt`,
-device time by kernel) and trace (`<variant>_rank<r>.json`, for chrome://tracing or Perfetto)
-into DIR: where the exchange's time goes beyond raw NCCL, and whether NCCL's kernel runs beside
-the shared experts' GEMMs.
+device time by kernel), trace (`<variant>_rank<r>.json`, for chrome://tracing or Perfetto) and
+overlap summary (`<variant>_rank<r>_overlap.txt`: device idle time, and how much of each NCCL
+kernel ran beside computation) into DIR: where the exchange's time goes beyond raw NCCL, and
+which exchanges are exposed.
 
 Run: python3 benchmarks/ep_layer.py --shape v2-lite --tokens 4096 8192 16384 [--sm-carveout 16]
      python3 benchmarks/ep_layer.py --cpu --shape tiny --tokens 256     (gloo, a functional check)
@@ -88,6 +89,33 @@ class ExchangeFirst(nn.Module):
 
     def finish(self, y_MD: torch.Tensor) -> torch.Tensor:
         return y_MD
+
+
+def overlap_summary(trace_path: str) -> str:
+    """From a profiler trace: the device's span and busy time, and for each NCCL kernel how
+    much of it ran beside other kernels (a collective that overlaps nothing is exposed in full)."""
+    with open(trace_path) as f:
+        kernels = sorted((e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and
+                          e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    if not kernels:
+        return "no device activity\n"
+    t0, busy, open_span = kernels[0]["ts"], 0.0, None
+    for e in kernels:  # union of the kernels' intervals
+        if open_span is None or e["ts"] > open_span[1]:
+            busy += 0 if open_span is None else open_span[1] - open_span[0]
+            open_span = [e["ts"], e["ts"] + e["dur"]]
+        else:
+            open_span[1] = max(open_span[1], e["ts"] + e["dur"])
+    busy += open_span[1] - open_span[0]
+    span = max(e["ts"] + e["dur"] for e in kernels) - t0
+    lines = [f"device span {span:.0f} us, busy {busy:.0f} us, idle {span - busy:.0f} us"]
+    compute = [e for e in kernels if "nccl" not in e["name"].lower()]
+    for e in (e for e in kernels if "nccl" in e["name"].lower()):
+        start, end = e["ts"], e["ts"] + e["dur"]
+        beside = sum(max(0.0, min(end, c["ts"] + c["dur"]) - max(start, c["ts"])) for c in compute)
+        lines.append(f"NCCL kernel at {start - t0:9.0f} us: {e['dur']:7.0f} us, {min(beside, e['dur']):7.0f} us "
+                     "beside other kernels")
+    return "\n".join(lines) + "\n"
 
 
 class Rank:
@@ -154,6 +182,8 @@ class Rank:
             with open(stem + ".txt", "w") as f:
                 f.write(prof.key_averages().table(sort_by="device_time_total", row_limit=40))
             prof.export_chrome_trace(stem + ".json")
+            with open(stem + "_overlap.txt", "w") as f:
+                f.write(overlap_summary(stem + ".json"))
 
     def run(self, tokens: int, iters: int, seed: int, sm_carveout: int, profile_dir: str | None = None) -> dict:
         x = self._tokens(tokens, seed).requires_grad_()
