@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from actors.transport import AtTheShards, router_collect, router_dispatch
+from model.dispatch import Dispatch, combine_rows, dispatch_rows
 
 
 class RemoteExperts(nn.Module):
@@ -44,19 +45,20 @@ class RemoteExperts(nn.Module):
         starts = torch.cumsum(counts_E, 0) - counts_E
         return send_counts, starts[self.send_order] + offset
 
-    def start(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> tuple[AtTheShards, torch.Tensor | None]:
-        """Rows sorted by global expert id (counts_E each) go to the shards; returns at once."""
+    def start(self, x_ND: torch.Tensor, dispatch: Dispatch) -> tuple[AtTheShards, torch.Tensor | None, Dispatch]:
+        """The tokens' rows, sorted by global expert id, go to the shards; returns at once."""
+        x_MD, counts_E = dispatch_rows(x_ND, dispatch), dispatch.counts
         if self.contiguous:
-            return router_dispatch(x_MD, counts_E, self.experts_per_shard), None
+            return router_dispatch(x_MD, counts_E, self.experts_per_shard), None, dispatch
         send_counts, src_starts = self._copy_counts(counts_E)
         # move each copy's block of rows to its place in send order (a gather, no one-hot)
         send_starts = torch.cumsum(send_counts, 0) - send_counts
         shift = torch.repeat_interleave(src_starts - send_starts, send_counts, output_size=x_MD.shape[0])
         index = torch.arange(x_MD.shape[0], device=x_MD.device) + shift
-        return router_dispatch(x_MD[index], send_counts, self.experts_per_shard), index
+        return router_dispatch(x_MD[index], send_counts, self.experts_per_shard), index, dispatch
 
-    def finish(self, sent: tuple[AtTheShards, torch.Tensor | None]) -> torch.Tensor:
-        """The expert outputs, in the order of the rows `start` took."""
-        at_shards, index = sent
+    def finish(self, sent: tuple[AtTheShards, torch.Tensor | None, Dispatch]) -> torch.Tensor:
+        """Each token's weighted sum of the outputs the shards sent back."""
+        at_shards, index, dispatch = sent
         out = router_collect(at_shards)
-        return out if index is None else torch.empty_like(out).index_copy_(0, index, out)
+        return combine_rows(out if index is None else torch.empty_like(out).index_copy_(0, index, out), dispatch)

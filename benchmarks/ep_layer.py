@@ -12,11 +12,14 @@ as fused grouped GEMMs, combine, shared experts). Timed in the same run:
   no overlap  the same two-device layer with each exchange waited for at once (`ExchangeFirst`): the
               shared experts and the rank's own rows wait for the network; overlap gain = its time
               / the two-device time
-  moray comm  `ep_dispatch_start/send/finish` + `ep_combine_start/finish` with the expert computation replaced
-              by the identity, forward and backward (counts exchange, host split sizes, rows out and
-              back, both ways; a rank's rows for its own experts stay, as in the layer)
+  moray comm  `ep_dispatch_start/send/finish` + `ep_combine_start/finish` on tokens routed at random,
+              the expert computation replaced by the identity, forward and backward (counts exchange,
+              host split sizes, rows out and back, both ways; a rank's rows for its own experts
+              stay, as in the layer); it includes the permutation and combine of the rows
+  permute     that permutation and combine alone (`dispatch_rows` / `combine_rows`, no exchange): the
+              exchange's own cost is moray comm - permute
   raw comm    the same four `all_to_all_single` calls (the same rows crossing, no own rows) with the
-              splits known in advance
+              splits known in advance; raw/moray = raw comm / (moray comm - permute)
 
 Each rank checks its expert-parallel output against the one-device layer on its own tokens.
 
@@ -57,6 +60,7 @@ from torch import nn  # noqa: E402
 
 from actors.transport import Rendezvous, join_group  # noqa: E402
 from model.config import MoEConfig  # noqa: E402
+from model.dispatch import Dispatch, Routing, combine_rows, dispatch_rows, permute  # noqa: E402
 from model.expert_ffn import expert_swiglu  # noqa: E402
 from model.moe import MoE  # noqa: E402
 from timing import cuda_times  # noqa: E402  (benchmarks/timing.py)
@@ -78,8 +82,8 @@ class ExchangeFirst(nn.Module):
         super().__init__()
         self.inner = experts
 
-    def start(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        sent = ep_dispatch_send(self.inner.start(x_MD, counts_E))
+    def start(self, x_ND: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+        sent = ep_dispatch_send(self.inner.start(x_ND, dispatch))
         rows, exchange = ep_dispatch_finish(sent), sent.exchange
         w = self.inner.local_stacks()
         y_own = expert_swiglu(sent.own_rows, *w, exchange.own_counts)
@@ -87,8 +91,8 @@ class ExchangeFirst(nn.Module):
         returning = ep_combine_start(y_theirs, exchange, self.inner.deepspeed_moe.ep_group)
         return ep_combine_finish(returning, y_own, exchange)
 
-    def finish(self, y_MD: torch.Tensor) -> torch.Tensor:
-        return y_MD
+    def finish(self, out_ND: torch.Tensor) -> torch.Tensor:
+        return out_ND
 
 
 def overlap_summary(trace_path: str) -> str:
@@ -208,26 +212,30 @@ class Rank:
         serial = self._timed(step(self.serial), iters)
         torch._C._set_sm_carveout_experimental(None)
 
-        # communication alone: the layer's rows, with the expert computation as the identity
-        M = tokens * self.cfg.top_k
-        counts = torch.bincount(torch.randint(0, self.cfg.n_routed_experts, (M,)), minlength=self.cfg.n_routed_experts)
-        rows = torch.randn(M, self.dim, device=self.device, dtype=self.dtype, requires_grad=True)
-        counts = counts.to(self.device)
+        # communication alone: tokens routed uniformly at random, the expert computation the identity
+        E, K = self.cfg.n_routed_experts, self.cfg.top_k
+        weights, experts = torch.rand(tokens, E, device=self.device).topk(K, dim=-1)
+        dispatch = permute(Routing(weights, experts, None), E)
+        x_comm = torch.randn(tokens, self.dim, device=self.device, dtype=self.dtype, requires_grad=True)
         group = dist.group.WORLD
 
         def moray_comm():
-            rows.grad = None  # as in the layer: the gradient is stored, not added to an old one
-            sent = ep_dispatch_send(ep_dispatch_start(rows, counts, 2, group))
+            x_comm.grad = None  # as in the layer: the gradient is stored, not added to an old one
+            sent = ep_dispatch_send(ep_dispatch_start(x_comm, dispatch, 2, group))
             returning = ep_combine_start(ep_dispatch_finish(sent), sent.exchange, group)
-            ep_combine_finish(returning, sent.own_rows, sent.exchange).backward(rows.detach())
+            ep_combine_finish(returning, sent.own_rows, sent.exchange).backward(x_comm.detach())
+
+        def local_permute():  # what moray_comm does besides exchanging: the permutation and combine
+            x_comm.grad = None
+            combine_rows(dispatch_rows(x_comm, dispatch), dispatch).backward(x_comm.detach())
 
         # the same bytes: each rank's rows for the other rank's experts, there and back
-        in_splits = counts.view(2, -1).sum(1).tolist()
+        in_splits = dispatch.counts.view(2, -1).sum(1).tolist()
         in_splits[self.rank] = 0
         peer_splits = [torch.zeros(2, dtype=torch.long, device=self.device) for _ in range(2)]
         dist.all_gather(peer_splits, torch.tensor(in_splits, device=self.device))
         out_splits = [int(peer_splits[p][self.rank]) for p in range(2)]
-        send = rows.detach()[:sum(in_splits)].contiguous()
+        send = torch.randn(sum(in_splits), self.dim, device=self.device, dtype=self.dtype)
         recv = torch.empty(sum(out_splits), self.dim, device=self.device, dtype=self.dtype)
         back = torch.empty_like(send)
 
@@ -238,9 +246,11 @@ class Rank:
 
         if profile_dir and self.device.type == "cuda":
             self._profile({"one": step(self.full), "two": step(self.ep), "serial": step(self.serial),
-                           "moray_comm": moray_comm, "raw_comm": raw_comm}, sm_carveout, profile_dir)
+                           "moray_comm": moray_comm, "local_permute": local_permute, "raw_comm": raw_comm},
+                          sm_carveout, profile_dir)
         return {"rank": self.rank, "rel_err": err, "one_s": one, "two_s": two, "serial_s": serial,
-                "moray_comm_s": self._timed(moray_comm, iters), "raw_comm_s": self._timed(raw_comm, iters),
+                "moray_comm_s": self._timed(moray_comm, iters), "local_permute_s": self._timed(local_permute, iters),
+                "raw_comm_s": self._timed(raw_comm, iters),
                 "bytes_per_direction": sum(in_splits) * self.dim * x.element_size()}
 
 
@@ -270,9 +280,11 @@ def main() -> None:
                "throughput_ratio": 2 * r0["one_s"] / max(r0["two_s"], r1["two_s"]),
                "no_overlap_ms": max(r0["serial_s"], r1["serial_s"]) * 1e3,
                "moray_comm_ms": max(r0["moray_comm_s"], r1["moray_comm_s"]) * 1e3,
+               "local_permute_ms": max(r0["local_permute_s"], r1["local_permute_s"]) * 1e3,
                "raw_comm_ms": max(r0["raw_comm_s"], r1["raw_comm_s"]) * 1e3,
                "rel_err": max(r0["rel_err"], r1["rel_err"]), "mb_per_direction": r0["bytes_per_direction"] / 1e6}
-        row["comm_raw_over_moray"] = row["raw_comm_ms"] / row["moray_comm_ms"]
+        row["moray_exchange_ms"] = row["moray_comm_ms"] - row["local_permute_ms"]
+        row["comm_raw_over_moray"] = row["raw_comm_ms"] / row["moray_exchange_ms"]
         row["overlap_gain"] = row["no_overlap_ms"] / row["two_devices_ms"]
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -284,11 +296,12 @@ def main() -> None:
                 lambda self: torch.cuda.get_device_name(0)))}
     print(json.dumps(meta))
     print(f"{'tokens/dev':>10} {'1 dev ms':>9} {'2 dev ms':>9} {'x thru':>6} {'no ovl ms':>9} {'ovl gain':>8} "
-          f"{'moray comm':>10} {'raw comm':>9} {'raw/moray':>9} {'err':>8}")
+          f"{'moray comm':>10} {'permute':>8} {'raw comm':>9} {'raw/moray':>9} {'err':>8}")
     for r in rows:
         print(f"{r['tokens_per_device']:>10} {r['one_device_ms']:>9.2f} {r['two_devices_ms']:>9.2f} "
               f"{r['throughput_ratio']:>6.2f} {r['no_overlap_ms']:>9.2f} {r['overlap_gain']:>8.2f} "
-              f"{r['moray_comm_ms']:>10.2f} {r['raw_comm_ms']:>9.2f} {r['comm_raw_over_moray']:>9.2f} "
+              f"{r['moray_comm_ms']:>10.2f} {r['local_permute_ms']:>8.2f} {r['raw_comm_ms']:>9.2f} "
+              f"{r['comm_raw_over_moray']:>9.2f} "
               f"{r['rel_err']:>8.1e}")
     if args.json:
         with open(args.json, "w") as f:

@@ -95,19 +95,27 @@ def unpermute(y_MD: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
 
 
 def slot_sum(rows_MD: torch.Tensor, slots_NK: torch.Tensor, weights_NK: torch.Tensor | None,
-             padded: bool) -> torch.Tensor:
+             padded: bool, inset: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """sum_k weights[n, k] * rows[slots[n, k]] (plain sum without weights); with `padded`, slot M is
-    a zero row (a copy the capacity limit dropped)."""
+    a zero row (a copy the capacity limit dropped). With `inset` (rows, start) the sorted rows
+    [start, start + len) are that tensor's and rows_MD holds the others (`gather_weighted_sum`)."""
     differentiable = torch.is_grad_enabled() and (rows_MD.requires_grad or
                                                    (weights_NK is not None and weights_NK.requires_grad))
     if not differentiable and rows_MD.is_cuda and HAVE_TRITON:
-        return gather_weighted_sum(rows_MD, slots_NK, weights_NK)
+        return gather_weighted_sum(rows_MD, slots_NK, weights_NK, inset=inset)
+    if inset is not None:
+        rows_MD = join_inset(rows_MD, *inset)
     if padded:
         rows_MD = torch.cat([rows_MD, rows_MD.new_zeros(1, rows_MD.shape[1])])
     gathered = rows_MD[slots_NK]  # [N, K, D]
     if weights_NK is None:
         return gathered.sum(1)
     return torch.bmm(weights_NK.to(rows_MD.dtype).unsqueeze(1), gathered).squeeze(1)
+
+
+def join_inset(rest: torch.Tensor, inset_rows: torch.Tensor, start: int) -> torch.Tensor:
+    """The sorted rows in one tensor: `inset_rows` put back between rest's first `start` rows and the others."""
+    return torch.cat([rest[:start], inset_rows, rest[start:]])
 
 
 class BlockSum:
@@ -177,40 +185,56 @@ def slot_values(per_row_M: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
 
 class _DispatchRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_ND: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
-        ctx.dispatch = dispatch
-        return x_ND[dispatch.token_index]
+    def forward(ctx, x_ND: torch.Tensor, dispatch: Dispatch, inset: slice | None):
+        ctx.dispatch, ctx.inset = dispatch, inset
+        index = dispatch.token_index
+        if inset is None:
+            return x_ND[index]
+        rest = index[inset.stop:] if inset.start == 0 else index[:inset.start] if inset.stop == index.numel() else \
+            torch.cat([index[:inset.start], index[inset.stop:]])
+        return x_ND[rest], x_ND[index[inset]]
 
     @staticmethod
-    def backward(ctx, d_rows_MD: torch.Tensor):
-        dispatch = ctx.dispatch
-        return slot_sum(d_rows_MD.contiguous(), dispatch.slots, None, dispatch.dropped > 0), None
+    def backward(ctx, d_rows_MD: torch.Tensor, d_inset: torch.Tensor | None = None):
+        dispatch, inset = ctx.dispatch, ctx.inset
+        pieces = None if inset is None else (d_inset.contiguous(), inset.start)
+        return slot_sum(d_rows_MD.contiguous(), dispatch.slots, None, dispatch.dropped > 0, pieces), None, None
 
 
 class _CombineRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y_MD: torch.Tensor, slot_weights_NK: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
-        ctx.save_for_backward(y_MD)
-        ctx.dispatch = dispatch
-        return slot_sum(y_MD, dispatch.slots, slot_weights_NK, dispatch.dropped > 0)
+    def forward(ctx, y_MD: torch.Tensor, y_inset: torch.Tensor | None, slot_weights_NK: torch.Tensor,
+                dispatch: Dispatch, inset_start: int) -> torch.Tensor:
+        ctx.save_for_backward(y_MD, y_inset)
+        ctx.dispatch, ctx.inset_start = dispatch, inset_start
+        pieces = None if y_inset is None else (y_inset, inset_start)
+        return slot_sum(y_MD, dispatch.slots, slot_weights_NK, dispatch.dropped > 0, pieces)
 
     @staticmethod
     def backward(ctx, dout_ND: torch.Tensor):
-        (y_MD,) = ctx.saved_tensors
-        dispatch = ctx.dispatch
-        d_rows, dots = gather_scaled_rows(dout_ND, dispatch.token_index, dispatch.weights.detach(),
-                                          y_MD if ctx.needs_input_grad[1] else None)
-        return d_rows, None if dots is None else slot_values(dots, dispatch), None
+        y_MD, y_inset = ctx.saved_tensors
+        dispatch, start = ctx.dispatch, ctx.inset_start
+        inset = None if y_inset is None else slice(start, start + y_inset.shape[0])
+        dot_with = None if not ctx.needs_input_grad[2] else y_MD if inset is None else (y_MD, y_inset)
+        d_rows, dots = gather_scaled_rows(dout_ND, dispatch.token_index, dispatch.weights.detach(), dot_with, inset)
+        d_rest, d_inset = (d_rows, None) if inset is None else d_rows
+        return d_rest, d_inset, None if dots is None else slot_values(dots, dispatch), None, None
 
 
-def dispatch_rows(x_ND: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+def dispatch_rows(x_ND: torch.Tensor, dispatch: Dispatch, inset: slice | None = None
+                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The sorted rows x[token_index] [M, D] (for experts elsewhere); the backward sums each
-    token's copies' gradients by a gather (no atomics, fixed order)."""
-    return _DispatchRows.apply(x_ND, dispatch)
+    token's copies' gradients by a gather (no atomics, fixed order). With `inset`, those sorted
+    rows come as their own tensor after the others (rows, inset rows): a rank's rows for its own
+    experts stay apart from those that travel, and neither side is ever copied to join them."""
+    return _DispatchRows.apply(x_ND, dispatch, inset)
 
 
-def combine_rows(y_MD: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+def combine_rows(y_MD: torch.Tensor, dispatch: Dispatch, inset: tuple[torch.Tensor, int] | None = None
+                 ) -> torch.Tensor:
     """`unpermute` for rows that came back from experts elsewhere; the backward gathers each
     row's output gradient, scaled by its weight, and its dot product with the row (the weight's
-    gradient) in one pass."""
-    return _CombineRows.apply(y_MD, dispatch.slot_weights, dispatch)
+    gradient) in one pass. With `inset` (rows, start), the sorted rows [start, start + len) are
+    that tensor's and y_MD holds the others (as `dispatch_rows` split them)."""
+    y_inset, start = (None, 0) if inset is None else inset
+    return _CombineRows.apply(y_MD, y_inset, dispatch.slot_weights, dispatch, start)

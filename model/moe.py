@@ -7,9 +7,12 @@ expert, returning a frozen `Dispatch`), `RoutedExperts` (grouped matmuls over so
 dense [tokens, experts] one-hot.
 
 Experts held elsewhere (expert-parallel ranks in training, expert shards in serving) replace
-`RoutedExperts` with an object of the two-step `RemoteRoutedExperts` protocol: `start` sends the
-sorted rows on their way and returns at once, the layer computes its shared experts while they
-travel, and `finish` waits for the experts' outputs. Ranks and networks stay outside this file.
+`RoutedExperts` with an object of the two-step `RemoteRoutedExperts` protocol: `start` takes the
+tokens and their `Dispatch` and sends the sorted rows on their way, the layer computes its shared
+experts while they travel, and `finish` waits for the experts' outputs and combines them per
+token. The permutation is the remote side's to do (`dispatch_rows` / `combine_rows`), so an
+expert-parallel rank can keep the rows for its own experts apart from those that travel
+without ever joining them. Ranks and networks stay outside this file.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import MoEConfig
-from model.dispatch import Dispatch, Routing, combine_rows, dispatch_rows, permute
+from model.dispatch import Dispatch, Routing, permute
 from model.expert_ffn import expert_swiglu
 from model.grouped import grouped_mm
 from model.layers import SwiGLU
@@ -104,11 +107,11 @@ class RemoteRoutedExperts(Protocol):
     implementation with autograd makes its backward overlap the same way.
     """
 
-    def start(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> Any:
-        """Rows sorted by global expert id (counts_E each); returns what `finish` needs."""
+    def start(self, x_ND: torch.Tensor, dispatch: Dispatch) -> Any:
+        """Tokens [N, D] and how their copies go to the experts; returns what `finish` needs."""
 
     def finish(self, in_flight: Any) -> torch.Tensor:
-        """The experts' outputs [M, D] for the rows given to `start`, in the same order."""
+        """Each token's weighted sum of its experts' outputs [N, D] (as `RoutedExperts.combine`)."""
 
 
 def sequence_balance_loss(routing: Routing, batch: int, cfg: MoEConfig) -> torch.Tensor:
@@ -163,9 +166,9 @@ class MoE(nn.Module):
             chunks = self.cfg.expert_chunks if torch.is_grad_enabled() else 1
             out_ND = self.experts.combine(x_ND, dispatch, chunks=chunks)
         else:  # experts elsewhere: the shared experts compute here while the rows travel
-            in_flight = self.experts.start(dispatch_rows(x_ND, dispatch), dispatch.counts)
+            in_flight = self.experts.start(x_ND, dispatch)
             shared_ND = self.shared(x_ND) if self.shared is not None else None
-            out_ND = combine_rows(self.experts.finish(in_flight), dispatch)
+            out_ND = self.experts.finish(in_flight)
         if shared_ND is not None:
             out_ND = out_ND + shared_ND
         aux = None

@@ -59,42 +59,58 @@ def swiglu_backward(dz: torch.Tensor, g: torch.Tensor, u: torch.Tensor, row_weig
 
 
 def gather_weighted_sum(rows_MD: torch.Tensor, slots_NK: torch.Tensor, weights_NK: torch.Tensor | None,
-                        out_ND: torch.Tensor | None = None, row0: int = 0) -> torch.Tensor:
+                        out_ND: torch.Tensor | None = None, row0: int = 0,
+                        inset: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """out[n] = sum_k weights[n, k] * rows[slots[n, k] - row0] on the GPU, reading each row once;
     a slot outside [row0, row0 + M) (a dropped copy, or a row of another chunk) adds nothing.
     With `out_ND` (fp32) the sum is added to it in place: the chunked expert step combines one
-    block of rows at a time. No autograd."""
+    block of rows at a time. With `inset` (rows, start), the sorted rows [start, start + len)
+    are that tensor's and rows_MD holds the others in order: expert parallelism's own rows and
+    those that came back over the network are summed where they lie, never joined. No autograd."""
     N, K = slots_NK.shape
-    M, D = rows_MD.shape
     rows_MD, slots_NK = rows_MD.contiguous(), slots_NK.contiguous()
+    inset_rows, s0 = (rows_MD, rows_MD.shape[0]) if inset is None else (inset[0].contiguous(), inset[1])
+    s1 = s0 + (0 if inset is None else inset_rows.shape[0])
+    M, D = rows_MD.shape[0] + s1 - s0, rows_MD.shape[1]
     accumulate = out_ND is not None
     out = out_ND if accumulate else torch.empty(N, D, dtype=rows_MD.dtype, device=rows_MD.device)
     if N:
         weights = weights_NK.contiguous() if weights_NK is not None else slots_NK
-        _gather_sum_kernel[(N, triton.cdiv(D, 1024))](rows_MD, slots_NK, weights, out, row0, M, D, K=K,
-                                                      HAS_W=weights_NK is not None, ACCUMULATE=accumulate,
-                                                      BLOCK=1024)
+        _gather_sum_kernel[(N, triton.cdiv(D, 1024))](rows_MD, inset_rows, s0, s1, slots_NK, weights, out, row0, M,
+                                                      D, K=K, HAS_W=weights_NK is not None,
+                                                      ACCUMULATE=accumulate, BLOCK=1024)
     return out
 
 
 def gather_scaled_rows(src_ND: torch.Tensor, index_M: torch.Tensor, weights_M: torch.Tensor,
-                       dot_with_MD: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       dot_with_MD: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+                       inset: slice | None = None
+                       ) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
     """(weights[m] * src[index[m]] [M, D], <src[index[m]], dot_with[m]> [M] in fp32, or None):
-    each source row read once per copy, the products and dots in fp32. No autograd."""
+    each source row read once per copy, the products and dots in fp32. With `inset` (sorted rows
+    [start, stop)) the rows come out as two tensors, (the others in order, the inset's), and
+    dot_with is given as such a pair: `gather_weighted_sum`'s inset, backwards. No autograd."""
     src_ND = src_ND.contiguous()
+    M, D = index_M.numel(), src_ND.shape[1]
+    s0, s1 = (M, M) if inset is None else (inset.start, inset.stop)
     if not _use_triton(src_ND):
+        if isinstance(dot_with_MD, tuple):
+            dot_with_MD = torch.cat([dot_with_MD[0][:s0], dot_with_MD[1], dot_with_MD[0][s0:]])
         rows = src_ND[index_M]
         dots = None if dot_with_MD is None else (rows.float() * dot_with_MD.float()).sum(-1)
-        return rows.mul_(weights_M[:, None].to(rows.dtype)), dots
-    M, D = index_M.numel(), src_ND.shape[1]
-    out = torch.empty(M, D, dtype=src_ND.dtype, device=src_ND.device)
+        rows.mul_(weights_M[:, None].to(rows.dtype))
+        return (rows if inset is None else (torch.cat([rows[:s0], rows[s1:]]), rows[s0:s1])), dots
+    out = torch.empty(M - (s1 - s0), D, dtype=src_ND.dtype, device=src_ND.device)
+    out_inset = out if inset is None else torch.empty(s1 - s0, D, dtype=src_ND.dtype, device=src_ND.device)
     dots = torch.empty(M, dtype=torch.float32, device=src_ND.device) if dot_with_MD is not None else None
     if M:
-        other = dot_with_MD.contiguous() if dot_with_MD is not None else out
-        _gather_scale_kernel[(M,)](src_ND, index_M.contiguous(), weights_M.contiguous(), other, out,
+        other, other_inset = (out, out) if dot_with_MD is None else \
+            (dot_with_MD, dot_with_MD) if inset is None else dot_with_MD
+        _gather_scale_kernel[(M,)](src_ND, index_M.contiguous(), weights_M.contiguous(), other.contiguous(),
+                                   other_inset.contiguous(), out, out_inset, s0, s1,
                                    dots if dots is not None else weights_M, D, HAS_DOT=dot_with_MD is not None,
                                    BLOCK=1024)
-    return out, dots
+    return (out if inset is None else (out, out_inset)), dots
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -136,8 +152,8 @@ if triton is not None:
             tl.store(dw_ptr + row, tl.sum(acc, axis=0))
 
     @triton.jit
-    def _gather_sum_kernel(rows_ptr, slots_ptr, w_ptr, out_ptr, row0, M, D, K: tl.constexpr, HAS_W: tl.constexpr,
-                           ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr):
+    def _gather_sum_kernel(rows_ptr, inset_ptr, s0, s1, slots_ptr, w_ptr, out_ptr, row0, M, D, K: tl.constexpr,
+                           HAS_W: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr):
         n = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < D
@@ -153,23 +169,34 @@ if triton is not None:
         for k in tl.static_range(K):
             row = tl.load(slots_ptr + n * K + k).to(tl.int64) - row0
             w = tl.load(w_ptr + n * K + k).to(tl.float32) if HAS_W else 1.0
-            vals = tl.load(rows_ptr + row * D + offs, mask=mask & (row >= 0) & (row < M), other=0.0).to(tl.float32)
-            acc += w * vals
+            hit = (row >= 0) & (row < M)
+            in_inset = (row >= s0) & (row < s1)  # rows [s0, s1) lie in the inset, the rest close up after it
+            rest_row = tl.where(row >= s1, row - (s1 - s0), row)
+            vals = tl.load(rows_ptr + rest_row * D + offs, mask=mask & hit & ((row < s0) | (row >= s1)), other=0.0)
+            vals += tl.load(inset_ptr + (row - s0) * D + offs, mask=mask & hit & in_inset, other=0.0)
+            acc += w * vals.to(tl.float32)
         tl.store(out_ptr + n * D + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _gather_scale_kernel(src_ptr, index_ptr, w_ptr, other_ptr, out_ptr, dot_ptr, D, HAS_DOT: tl.constexpr,
-                             BLOCK: tl.constexpr):
+    def _gather_scale_kernel(src_ptr, index_ptr, w_ptr, other_ptr, other_inset_ptr, out_ptr, out_inset_ptr, s0, s1,
+                             dot_ptr, D, HAS_DOT: tl.constexpr, BLOCK: tl.constexpr):
         m = tl.program_id(0).to(tl.int64)
         src = tl.load(index_ptr + m).to(tl.int64) * D
         w = tl.load(w_ptr + m).to(tl.float32)
+        in_inset = (m >= s0) & (m < s1)  # as in _gather_sum_kernel: row m of the inset or of the rest
+        rest = tl.where(m >= s1, m - (s1 - s0), m) * D
+        inset = (m - s0) * D
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, D, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < D
             vals = tl.load(src_ptr + src + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_DOT:
-                acc += vals * tl.load(other_ptr + m * D + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + m * D + offs, (w * vals).to(out_ptr.dtype.element_ty), mask=mask)
+                other = tl.load(other_ptr + rest + offs, mask=mask & (in_inset == 0), other=0.0).to(tl.float32)
+                other += tl.load(other_inset_ptr + inset + offs, mask=mask & in_inset, other=0.0).to(tl.float32)
+                acc += vals * other
+            scaled = (w * vals).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + rest + offs, scaled, mask=mask & (in_inset == 0))
+            tl.store(out_inset_ptr + inset + offs, scaled, mask=mask & in_inset)
         if HAS_DOT:
             tl.store(dot_ptr + m, tl.sum(acc, axis=0))

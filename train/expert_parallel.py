@@ -23,9 +23,15 @@ CPU the host read is free and `start` sends the rows at once.
 
 Rows for this rank's own experts never travel. The experts compute the rows other ranks sent
 first, so their outputs are on their way back while the experts compute this rank's own rows
-(and in backward, the own rows' gradients are computed while the others' travel). With two
-ranks the received rows come from one source and arrive already sorted by expert: no
-reordering pass on either side.
+(and in backward, the own rows' gradients are computed while the others' travel). Nor are the
+two kinds ever joined: `dispatch_rows` gathers the tokens' rows straight into the rows that
+travel and the own rows, and `combine_rows` sums each token's outputs from where they lie (a
+join was one [M, D] copy in forward and one in backward). With two ranks the received rows
+come from one source and arrive already sorted by expert: no reordering pass on either side.
+
+Each kind of this rank's expert weights lies back to back in one tensor (every expert's
+parameters are views into it), so the grouped products get the [n_local, ...] stacks without
+a copy (`_stacked`).
 
 The module is a `deepspeed.moe.layer.MoE` in DeepSpeed's eyes, with its parameters in
 DeepSpeed's per-expert layout (`deepspeed_moe.experts.deepspeed_experts.<i>.*`, tagged
@@ -42,6 +48,7 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import nn
 
+from model.dispatch import Dispatch, combine_rows, dispatch_rows
 from model.expert_ffn import expert_swiglu
 from model.moe import MoE, RoutedExperts
 from model.transformer import Transformer
@@ -120,11 +127,12 @@ def receive_rows(sent: RowsInFlight) -> torch.Tensor:
 
 
 class _Expert(nn.Module):
-    """One SwiGLU expert's weights, in the per-expert layout DeepSpeed checkpoints."""
+    """One SwiGLU expert's weights, in the per-expert layout DeepSpeed checkpoints. The parameters
+    are the given tensors themselves (views into the rank's stacks, see `_stacked`)."""
 
     def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, group_name: str):
         super().__init__()
-        self.w_gate, self.w_up, self.w_down = (nn.Parameter(w.detach().clone()) for w in (w_gate, w_up, w_down))
+        self.w_gate, self.w_up, self.w_down = (nn.Parameter(w) for w in (w_gate, w_up, w_down))
         for p in self.parameters():
             p.allreduce = False
             p.group_name = group_name
@@ -156,35 +164,65 @@ class ExpertParallelExperts(DeepSpeedMoE):
         self.num_experts, self.num_local_experts = n_experts, n_experts // ep_size
         self.expert_group_name = f"ep_size_{ep_size}"
         self.use_residual, self.enable_expert_tensor_parallelism = False, False
-        first = ep_rank * self.num_local_experts
-        local = range(first, first + self.num_local_experts)
-        self.deepspeed_moe = _ExpertHolder([_Expert(full.w_gate[e], full.w_up[e], full.w_down[e],
-                                                    self.expert_group_name) for e in local])
+        local = slice(ep_rank * self.num_local_experts, (ep_rank + 1) * self.num_local_experts)
+        # each kind's weights back to back in one tensor, every expert's parameters views into it
+        stacks = [w[local].detach().clone() for w in (full.w_gate, full.w_up, full.w_down)]
+        self.deepspeed_moe = _ExpertHolder([_Expert(*(w[i] for w in stacks), self.expert_group_name)
+                                            for i in range(self.num_local_experts)])
 
     def local_stacks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's experts as [n_local, ...] stacks (autograd flows back to each expert)."""
         experts = self.deepspeed_moe.experts.deepspeed_experts
-        return tuple(torch.stack([getattr(e, name) for e in experts]) for name in ("w_gate", "w_up", "w_down"))
+        return tuple(_stacked([getattr(e, name) for e in experts]) for name in ("w_gate", "w_up", "w_down"))
 
-    def start(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> PendingDispatch | tuple[torch.Tensor, torch.Tensor]:
+    def start(self, x_ND: torch.Tensor, dispatch: Dispatch) -> PendingDispatch | tuple[torch.Tensor, Dispatch]:
         """Exchange the counts of the rows for each expert (one rank: nothing to send); the rows go in `finish`."""
         if self.ep_size == 1:
-            return x_MD, counts_E
-        return ep_dispatch_start(x_MD, counts_E, self.ep_size, self.deepspeed_moe.ep_group)
+            return x_ND, dispatch
+        return ep_dispatch_start(x_ND, dispatch, self.ep_size, self.deepspeed_moe.ep_group)
 
-    def finish(self, pending: PendingDispatch | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """This rank's experts on the rows it received; their outputs go back where they came from.
-        The other ranks' rows go first, so their outputs travel back while the experts compute
-        this rank's own rows, which never left it."""
+    def finish(self, pending: PendingDispatch | tuple[torch.Tensor, Dispatch]) -> torch.Tensor:
+        """This rank's experts on the rows it received; their outputs go back where they came from,
+        and this rank's tokens get theirs combined. The other ranks' rows go first, so their
+        outputs travel back while the experts compute this rank's own rows, which never left it."""
         if self.ep_size == 1:
-            x_MD, counts_E = pending
-            return expert_swiglu(x_MD, *self.local_stacks(), counts_E)
+            x_ND, dispatch = pending
+            return expert_swiglu(x_ND, *self.local_stacks(), dispatch.counts, dispatch)
         sent = ep_dispatch_send(pending)
         exchange, (w_gate, w_up, w_down) = sent.exchange, self.local_stacks()
         y_theirs = expert_swiglu(ep_dispatch_finish(sent), w_gate, w_up, w_down, exchange.their_counts)
         returning = ep_combine_start(y_theirs, exchange, self.deepspeed_moe.ep_group)
         y_own = expert_swiglu(sent.own_rows, w_gate, w_up, w_down, exchange.own_counts)
         return ep_combine_finish(returning, y_own, exchange)
+
+
+class _StackedWeights(torch.autograd.Function):
+    """Weights lying back to back in one storage as one [n, ...] tensor, without a copy; backward
+    hands each its slice of the stacked gradient (the same views `torch.stack`'s backward gives)."""
+
+    @staticmethod
+    def forward(ctx, *weights: torch.Tensor) -> torch.Tensor:
+        first = weights[0]
+        return first.detach().as_strided((len(weights), *first.shape), (first.numel(), *first.stride()))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.unbind(0)
+
+
+def _stacked(weights: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.stack(weights)` (autograd to each), without its copy where the weights lie back to
+    back in one storage, as `ExpertParallelExperts` lays them out: at V2-Lite's shape the copy
+    was 0.37 ms of a 19 ms expert-parallel step. Anything that moves them apart (`.to()`, an
+    optimizer flattening its parameters) only brings the copy back."""
+    first = weights[0]
+    step, base = first.numel() * first.element_size(), first.data_ptr()
+    fits = first.untyped_storage().nbytes() >= (first.storage_offset() + len(weights) * first.numel()) * \
+        first.element_size()
+    if fits and first.is_contiguous() and all(w.data_ptr() == base + i * step and w.shape == first.shape
+                                              for i, w in enumerate(weights)):
+        return _StackedWeights.apply(*weights)
+    return torch.stack(weights)
 
 
 @dataclass(frozen=True)
@@ -199,6 +237,7 @@ class EPExchange:
     # order and back; None when one other rank sends (ep_size 2): its rows arrive expert-major
     their_counts: torch.Tensor  # received rows per local expert
     own_counts: torch.Tensor  # this rank's own rows per local expert
+    dispatch: Dispatch  # this rank's tokens' permutation, which the combine undoes
 
 
 @dataclass(frozen=True)
@@ -210,54 +249,15 @@ class EPDispatch:
     exchange: EPExchange
 
 
-def _split(x: torch.Tensor, part: slice) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x's rows outside `part`, rows in `part`): views, unless `part` lies inside (one copy)."""
-    if part.start == 0:
-        return x[part.stop:], x[part]
-    if part.stop == x.shape[0]:
-        return x[:part.start], x[part]
-    return torch.cat([x[:part.start], x[part.stop:]]), x[part]
-
-
-def _join(rest: torch.Tensor, part_rows: torch.Tensor, start: int) -> torch.Tensor:
-    """The inverse of `_split`: `part_rows` put back between rest's first `start` rows and the others."""
-    return torch.cat([rest[:start], part_rows, rest[start:]])
-
-
-class _SplitRows(torch.autograd.Function):
-    """`_split` whose backward is `_join`: one pass for the two gradients, where autograd's
-    slicing backward would make a zero [M, D] tensor per slice and add them."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, part: slice):
-        ctx.part = part
-        return _split(x, part)
-
-    @staticmethod
-    def backward(ctx, d_rest: torch.Tensor, d_part: torch.Tensor):
-        return _join(d_rest, d_part, ctx.part.start), None
-
-
-class _JoinRows(torch.autograd.Function):
-    """`_join` whose backward is `_split` (views of the gradient with 2 ranks)."""
-
-    @staticmethod
-    def forward(ctx, rest: torch.Tensor, part_rows: torch.Tensor, part: slice):
-        ctx.part = part
-        return _join(rest, part_rows, part.start)
-
-    @staticmethod
-    def backward(ctx, d_x: torch.Tensor):
-        return *_split(d_x, ctx.part), None
-
-
 @dataclass
 class PendingDispatch:
     """A dispatch whose counts were exchanged (`ep_dispatch_start`); its rows are sent by
     `ep_dispatch_send`."""
 
-    x_MD: torch.Tensor
+    x_ND: torch.Tensor
+    dispatch: Dispatch
     recv_counts: torch.Tensor  # [P, El] rows from source p for local expert j
+    their_counts: torch.Tensor  # [El] rows the other ranks send each local expert
     host_counts: torch.Tensor  # [2, P, El] this rank's counts and the received ones, on their way to the host
     copied: torch.cuda.Event | None  # when host_counts is filled (None: already, on the CPU)
     rows_ready: torch.cuda.Event | None  # the rows are computed (the side stream's only dependency)
@@ -265,18 +265,20 @@ class PendingDispatch:
     sent: EPDispatch | None = None
 
 
-def ep_dispatch_start(x_MD: torch.Tensor, counts_E: torch.Tensor, ep_size: int, group) -> PendingDispatch:
+def ep_dispatch_start(x_ND: torch.Tensor, dispatch: Dispatch, ep_size: int, group) -> PendingDispatch:
     """Exchange the per-expert counts and start copying them to the host, where the split sizes
     are needed. On a GPU nothing waits here: the rows go in `ep_dispatch_send`, so what the
     caller queues in between (the shared experts) neither delays the host read nor the rows'
     exchange. On the CPU the host read is free and the rows go at once (computing the shared
     experts while they travel)."""
+    counts_E = dispatch.counts
     P, El = ep_size, counts_E.numel() // ep_size
     recv_counts = torch.empty_like(counts_E)
     dist.all_to_all_single(recv_counts, counts_E.contiguous(), group=group)
     both = torch.stack([counts_E.view(P, El), recv_counts.view(P, El)])
+    recv_PE = recv_counts.view(P, El)
     if not both.is_cuda:
-        pending = PendingDispatch(x_MD, recv_counts.view(P, El), both, None, None, group)
+        pending = PendingDispatch(x_ND, dispatch, recv_PE, _their_counts(recv_PE, group), both, None, None, group)
         ep_dispatch_send(pending)
         return pending
     host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
@@ -284,7 +286,13 @@ def ep_dispatch_start(x_MD: torch.Tensor, counts_E: torch.Tensor, ep_size: int, 
     copied, rows_ready = torch.cuda.Event(), torch.cuda.Event()
     copied.record()
     rows_ready.record()
-    return PendingDispatch(x_MD, recv_counts.view(P, El), host, copied, rows_ready, group)
+    # queued behind the copy, not in `ep_dispatch_send`: the host launches them while the counts travel
+    return PendingDispatch(x_ND, dispatch, recv_PE, _their_counts(recv_PE, group), host, copied, rows_ready, group)
+
+
+def _their_counts(recv_PE: torch.Tensor, group) -> torch.Tensor:
+    """Rows the other ranks send each local expert [El]."""
+    return recv_PE.sum(0) - recv_PE[dist.get_rank(group)]
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
@@ -317,21 +325,22 @@ def _send(pending: PendingDispatch) -> EPDispatch:
     own = slice(sum(map(sum, sent_PE[:rank])), sum(map(sum, sent_PE[:rank + 1])))
     in_splits = [0 if p == rank else sum(sent_PE[p]) for p in range(P)]
     out_splits = [0 if p == rank else sum(counts_PE[p]) for p in range(P)]
-    their_PE = pending.recv_counts.clone()
-    their_PE[rank] = 0
     reorder = None
     if P > 2:
+        their_PE = pending.recv_counts.clone()
+        their_PE[rank] = 0
         index = _source_major_to_expert_major(their_PE, sum(out_splits))
         reorder = index, torch.empty_like(index).scatter_(0, index, torch.arange(index.numel(), device=index.device))
-    exchange = EPExchange(in_splits, out_splits, own, reorder, their_PE.sum(0), pending.recv_counts[rank])
-    x_MD = pending.x_MD
+    exchange = EPExchange(in_splits, out_splits, own, reorder, pending.their_counts, pending.recv_counts[rank],
+                          pending.dispatch)
+    x_ND = pending.x_ND
     if pending.rows_ready is None:
-        theirs, own_rows = _SplitRows.apply(x_MD, own)
+        theirs, own_rows = dispatch_rows(x_ND, pending.dispatch, own)
         return EPDispatch(send_rows(theirs, out_splits, in_splits, group), own_rows, exchange)
-    side = _side_stream(x_MD.device)
+    side = _side_stream(x_ND.device)
     side.wait_event(pending.rows_ready)
     with torch.cuda.stream(side):
-        theirs, own_rows = _SplitRows.apply(x_MD, own)
+        theirs, own_rows = dispatch_rows(x_ND, pending.dispatch, own)
         rows = send_rows(theirs, out_splits, in_splits, group)
     return EPDispatch(rows, own_rows, exchange)
 
@@ -368,8 +377,9 @@ def ep_combine_start(y_theirs: torch.Tensor, exchange: EPExchange, group) -> Row
 
 
 def ep_combine_finish(returning: RowsInFlight, y_own: torch.Tensor, exchange: EPExchange) -> torch.Tensor:
-    """All outputs in this rank's sorted order: those that came back, and its own rows' in place."""
-    return _JoinRows.apply(receive_rows(returning), y_own, exchange.own)
+    """This rank's tokens' weighted sums [N, D] of the outputs that came back and of its own
+    rows' outputs, each read where it lies (no [M, D] join)."""
+    return combine_rows(receive_rows(returning), exchange.dispatch, (y_own, exchange.own.start))
 
 
 def _source_major_to_expert_major(counts_PE: torch.Tensor, total: int) -> torch.Tensor:

@@ -113,18 +113,26 @@ def test_fused_expert_step_equals_plain_autograd(impl, with_combine, chunks, cap
         assert (a - b).abs().max() <= 1e-5 * max(1.0, float(b.abs().max())), name
 
 
-@pytest.mark.parametrize("capacity", [None, 5])
-def test_dispatch_and_combine_rows_equal_plain_autograd(capacity, seed):
+@pytest.mark.parametrize("capacity,inset", [(None, None), (5, None), (None, "first"), (5, "middle"), (None, "last")])
+def test_dispatch_and_combine_rows_equal_plain_autograd(capacity, inset, seed):
     """The permutation and combine of experts elsewhere (expert parallelism), whose backwards
     are written out, give plain indexing's and `unpermute`'s output and gradients: tokens, expert
-    outputs and, through the combine weights, the gate; with copies dropped by a capacity."""
+    outputs and, through the combine weights, the gate; with copies dropped by a capacity, and
+    with some sorted rows held apart (a rank's own rows) at the front, inside or at the end."""
     moe = make_moe(seed, top_k=3)
     x = torch.randn(29, 32, requires_grad=True)
     dispatch = permute(route(moe.gate(x), moe.expert_bias, moe.cfg), 8, capacity)
     assert (dispatch.dropped > 0) == (capacity is not None), "the test needs dropped copies"
     w = torch.randn(32, 32)
-    outs = [combine_rows(dispatch_rows(x, dispatch) @ w, dispatch),
-            unpermute(x[dispatch.token_index] @ w, dispatch)]
+    M = dispatch.token_index.numel()
+    if inset is None:
+        moved = combine_rows(dispatch_rows(x, dispatch) @ w, dispatch)
+    else:
+        part = {"first": slice(0, 20), "middle": slice(17, 40), "last": slice(M - 25, M)}[inset]
+        rest, own = dispatch_rows(x, dispatch, part)
+        assert rest.shape[0] == M - own.shape[0] and torch.equal(own, x[dispatch.token_index[part]])
+        moved = combine_rows(rest @ w, dispatch, (own @ w, part.start))
+    outs = [moved, unpermute(x[dispatch.token_index] @ w, dispatch)]
     assert (outs[0] - outs[1]).abs().max() <= 1e-5
     g = torch.randn_like(outs[1])
     params = [x, moe.gate.weight]

@@ -43,6 +43,10 @@ def test_triton_gather_sum_equals_torch(weighted, seed):
     for r0 in range(0, 500, 128):
         gather_weighted_sum(rows[r0:r0 + 128], slots, weights, total, r0)
     assert rel(total, expected.sum(1)) <= 1e-6
+    # rows [s0, s1) in a tensor of their own (an expert-parallel rank's own rows): the same sum
+    for s0, s1 in [(0, 200), (150, 320), (300, 500)]:
+        rest = torch.cat([rows[:s0], rows[s1:]])
+        assert rel(gather_weighted_sum(rest, slots, weights, inset=(rows[s0:s1], s0)), expected.sum(1)) <= 1e-6
 
 
 @pytest.mark.parametrize("dot", [True, False])
@@ -58,6 +62,12 @@ def test_triton_gather_scale_equals_torch(dot, seed):
                                               other.cpu().float() if dot else None)
     assert rel(rows, want_rows) <= 1e-2
     assert (dots is None) == (not dot) and (not dot or rel(dots, want_dots) <= 1e-5)
+    # the rows [s0, s1) written to a tensor of their own, the dot's partner given the same way
+    for s0, s1 in [(0, 150), (100, 260), (240, 400)]:
+        pair = None if other is None else (torch.cat([other[:s0], other[s1:]]), other[s0:s1])
+        (rest, inset), split_dots = gather_scaled_rows(src, index, weights, pair, slice(s0, s1))
+        assert torch.equal(rest, torch.cat([rows[:s0], rows[s1:]])) and torch.equal(inset, rows[s0:s1])
+        assert (split_dots is None) == (not dot) and (not dot or torch.equal(split_dots, dots))
 
 
 @pytest.mark.parametrize("capacity,chunks", [(None, 1), (40, 1), (None, 3), (40, 4)])

@@ -155,3 +155,22 @@ def test_shared_experts_run_while_rows_and_gradients_travel(run):
         assert backward == ["_ReceiveRowsBackward", "_ExpertSwiGLUBackward", "_SendRowsBackward",
                             "_ExpertSwiGLUBackward", "_ReceiveRowsBackward"] + \
             (tail if device == "cpu" else tail[::-1]), f"rank {rank}: {backward}"
+
+
+def test_local_stacks_alias_the_expert_weights_and_give_each_its_gradient(seed):
+    """The [n_local, ...] stacks the grouped products read are the experts' own weights (no
+    copy) as `parallelize_experts` lays them out; moved apart (here by a dtype change) they are
+    stacked by copy. Either way every expert gets exactly its slice of the gradient."""
+    layer = _layer(seed, shared=False)
+    parallelize_experts(layer, 2, 1)
+    for experts, aliased in ((layer.experts, True), (copy.deepcopy(layer.experts).double(), False)):
+        per_expert = experts.deepspeed_moe.experts.deepspeed_experts
+        stacks = experts.local_stacks()
+        assert (stacks[0].data_ptr() == per_expert[0].w_gate.data_ptr()) == aliased
+        for name, stack in zip(("w_gate", "w_up", "w_down"), stacks):
+            assert torch.equal(stack, torch.stack([getattr(e, name) for e in per_expert])), name
+        probes = [torch.randn_like(s) for s in stacks]
+        sum((s * p).sum() for s, p in zip(stacks, probes)).backward()
+        for name, probe in zip(("w_gate", "w_up", "w_down"), probes):
+            for i, e in enumerate(per_expert):
+                assert torch.equal(getattr(e, name).grad, probe[i]), f"{name} of expert {i}"
