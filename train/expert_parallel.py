@@ -415,5 +415,5 @@ def gather_expert_stacks(model: Transformer) -> dict[str, torch.Tensor]:
                 parts = [torch.empty_like(local) for _ in range(module.ep_size)]
                 dist.all_gather(parts, local, group=module.deepspeed_moe.ep_group)
                 local = torch.cat(parts)
-            out[f"{name}.{weight}"] = local.cpu()
+            out[f"{name}.{weight}"] = local.to("cpu", copy=True)  # never the live (aliased) weights
     return out
