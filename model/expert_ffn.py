@@ -173,12 +173,11 @@ class _ExpertSwiGLU(torch.autograd.Function):
             dy_b = _block_rows(dout, dispatch, b)
             dz = grouped_mm(dy_b, w_down[b.experts].transpose(-2, -1), b.counts, impl)  # d(loss)/d(h) before the combine weight
             row_weights = None if dispatch is None else dispatch.weights[b.rows].detach()
-            dg, du, h, d_rows_b = swiglu_backward(dz, g, u, row_weights)
-            if row_weights is not None:  # dy_b is this function's own gather: scale it in place
-                dy_b.mul_(row_weights[:, None].to(dy_b.dtype))
+            dg, du, wh, d_rows_b = swiglu_backward(dz, g, u, row_weights)  # wh: h scaled by the row's weight
+            if row_weights is not None:
                 d_rows.append(d_rows_b)
-            dw_down = _weight_grad(dw_down, b, h, dy_b, impl)
-            del h, dy_b
+            dw_down = _weight_grad(dw_down, b, wh, dy_b, impl)
+            del wh, dy_b
             x_b = _block_rows(x, dispatch, b)
             dw_gate = _weight_grad(dw_gate, b, x_b, dg, impl)
             dw_up = _weight_grad(dw_up, b, x_b, du, impl)

@@ -34,10 +34,12 @@ def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def swiglu_backward(dz: torch.Tensor, g: torch.Tensor, u: torch.Tensor, row_weights: torch.Tensor | None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Given dz = d(loss)/d(h) before each row's combine weight w, returns (dg, du, h, d_w):
-    the gradients of g and u (times w), h = silu(g) * u recomputed, and d_w = <dz, h> per row
-    (None without row weights). All three inputs are consumed: on the GPU dz's storage becomes
-    dg, u's du and g's h, so backward makes no [rows, F] tensor of its own."""
+    """Given dz = d(loss)/d(h) before each row's combine weight w, returns (dg, du, w h, d_w):
+    the gradients of g and u (times w), h = silu(g) * u recomputed and scaled by w, and
+    d_w = <dz, h> per row (None without row weights). w h is what the down projection's weight
+    gradient needs, (w h)^T dy = h^T (w dy): scaling here, where h is written anyway, saves a
+    pass over the wider [rows, D] output gradient. All three inputs are consumed: on the GPU
+    dz's storage becomes dg, u's du and g's w h, so backward makes no [rows, F] tensor of its own."""
     if _use_triton(dz) and g.is_contiguous() and u.is_contiguous():
         M, F_ = dz.shape
         du, h = u, g  # each element is read before it is overwritten, by the same program
@@ -53,6 +55,7 @@ def swiglu_backward(dz: torch.Tensor, g: torch.Tensor, u: torch.Tensor, row_weig
     if row_weights is not None:
         d_w = (dz.float() * h.float()).sum(-1)
         dz.mul_(row_weights[:, None].to(dz.dtype))
+        h.mul_(row_weights[:, None].to(h.dtype))
     du = dz * silu_g
     dg = dz.mul_(u).mul_(sig * (1 + g * (1 - sig)))
     return dg, du, h, d_w
@@ -144,7 +147,7 @@ if triton is not None:
             h = silu * u
             acc += dz * h
             dz = dz * w
-            tl.store(h_ptr + base + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
+            tl.store(h_ptr + base + offs, (w * h).to(h_ptr.dtype.element_ty), mask=mask)
             tl.store(du_ptr + base + offs, (dz * silu).to(du_ptr.dtype.element_ty), mask=mask)
             tl.store(dz_ptr + base + offs, (dz * u * sig * (1 + g * (1 - sig))).to(dz_ptr.dtype.element_ty),
                      mask=mask)

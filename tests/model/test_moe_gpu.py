@@ -26,7 +26,8 @@ def test_triton_swiglu_equals_torch_ops(seed):
     plain = swiglu_backward(dz.cpu().clone(), g.cpu(), u.cpu(), w.cpu())
     for a, b in zip(fast, plain):
         assert rel(a, b) <= 1e-5
-    # backward makes no [rows, F] tensor: dg, du and h are written over dz, u and g
+    assert rel(fast[2], w[:, None] * torch.nn.functional.silu(g) * u) <= 1e-6  # h, scaled by the row's weight
+    # backward makes no [rows, F] tensor: dg, du and w h are written over dz, u and g
     assert [t.data_ptr() for t in fast[:3]] == [t.data_ptr() for t in (consumed[0], consumed[2], consumed[1])]
 
 
