@@ -12,7 +12,7 @@ as fused grouped GEMMs, combine, shared experts). Timed in the same run:
   no overlap  the same two-device layer with each exchange waited for at once (`ExchangeFirst`): the
               shared experts and the rank's own rows wait for the network; overlap gain = its time
               / the two-device time
-  moray comm  `ep_dispatch_start/send/finish` + `ep_combine_start/finish` on tokens routed at random,
+  moray comm  `ep_dispatch_start/finish` + `ep_combine_start/finish` on tokens routed at random,
               the expert computation replaced by the identity, forward and backward (counts exchange,
               host split sizes, rows out and back, both ways; a rank's rows for its own experts
               stay, as in the layer); it includes the permutation and combine of the rows
@@ -65,7 +65,7 @@ from model.expert_ffn import expert_swiglu  # noqa: E402
 from model.moe import MoE  # noqa: E402
 from timing import cuda_times  # noqa: E402  (benchmarks/timing.py)
 from train.expert_parallel import (ExpertParallelExperts, ep_combine_finish, ep_combine_start,  # noqa: E402
-                                   ep_dispatch_finish, ep_dispatch_send, ep_dispatch_start,
+                                   ep_dispatch_finish, ep_dispatch_start,
                                    parallelize_experts)
 
 SHAPES = {
@@ -83,7 +83,7 @@ class ExchangeFirst(nn.Module):
         self.inner = experts
 
     def start(self, x_ND: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
-        sent = ep_dispatch_send(self.inner.start(x_ND, dispatch))
+        sent = self.inner.start(x_ND, dispatch)
         rows, exchange = ep_dispatch_finish(sent), sent.exchange
         w = self.inner.local_stacks()
         y_own = expert_swiglu(sent.own_rows, *w, exchange.own_counts)
@@ -221,7 +221,7 @@ class Rank:
 
         def moray_comm():
             x_comm.grad = None  # as in the layer: the gradient is stored, not added to an old one
-            sent = ep_dispatch_send(ep_dispatch_start(x_comm, dispatch, 2, group))
+            sent = ep_dispatch_start(x_comm, dispatch, 2, group)
             returning = ep_combine_start(ep_dispatch_finish(sent), sent.exchange, group)
             ep_combine_finish(returning, sent.own_rows, sent.exchange).backward(x_comm.detach())
 

@@ -102,9 +102,8 @@ class RemoteRoutedExperts(Protocol):
     come back from `finish`.
 
     Whatever the layer computes between the two (its shared experts) overlaps the exchange: the
-    rows travel while it computes, whether `start` sends them at once or, as the expert-parallel
-    training path on GPUs does, `finish` sends them on a stream that does not wait for it. An
-    implementation with autograd makes its backward overlap the same way.
+    rows travel while it computes. An implementation with autograd makes its backward overlap
+    the same way.
     """
 
     def start(self, x_ND: torch.Tensor, dispatch: Dispatch) -> Any:

@@ -15,11 +15,10 @@ shared experts' backward (created between the two in forward) runs while the gra
 travels; any other order is only slower, never wrong, since the wait sits in the node that
 produces the gradient.
 
-On GPUs `start` only exchanges the per-expert counts and queues their copy to the host; the
-rows go in `finish`, launched from a side stream that waits for nothing but the rows, so the
-host's read of the split sizes does not wait for the shared experts and the exchange runs
-beside them on the device (from the compute stream, NCCL's stream would wait for them). On the
-CPU the host read is free and `start` sends the rows at once.
+`start` exchanges the per-expert counts, reads the split sizes on the host and sends the rows
+at once; on GPUs the rows are gathered and sent from a side stream, so the shared experts the
+layer queues next run beside the exchange (`ep_dispatch_start` says why the read is not
+deferred).
 
 Rows for this rank's own experts never travel. The experts compute the rows other ranks sent
 first, so their outputs are on their way back while the experts compute this rank's own rows
@@ -175,20 +174,19 @@ class ExpertParallelExperts(DeepSpeedMoE):
         experts = self.deepspeed_moe.experts.deepspeed_experts
         return tuple(_stacked([getattr(e, name) for e in experts]) for name in ("w_gate", "w_up", "w_down"))
 
-    def start(self, x_ND: torch.Tensor, dispatch: Dispatch) -> PendingDispatch | tuple[torch.Tensor, Dispatch]:
-        """Exchange the counts of the rows for each expert (one rank: nothing to send); the rows go in `finish`."""
+    def start(self, x_ND: torch.Tensor, dispatch: Dispatch) -> EPDispatch | tuple[torch.Tensor, Dispatch]:
+        """Send the rows to the ranks holding their experts (one rank: nothing to send)."""
         if self.ep_size == 1:
             return x_ND, dispatch
         return ep_dispatch_start(x_ND, dispatch, self.ep_size, self.deepspeed_moe.ep_group)
 
-    def finish(self, pending: PendingDispatch | tuple[torch.Tensor, Dispatch]) -> torch.Tensor:
+    def finish(self, sent: EPDispatch | tuple[torch.Tensor, Dispatch]) -> torch.Tensor:
         """This rank's experts on the rows it received; their outputs go back where they came from,
         and this rank's tokens get theirs combined. The other ranks' rows go first, so their
         outputs travel back while the experts compute this rank's own rows, which never left it."""
         if self.ep_size == 1:
-            x_ND, dispatch = pending
+            x_ND, dispatch = sent
             return expert_swiglu(x_ND, *self.local_stacks(), dispatch.counts, dispatch)
-        sent = ep_dispatch_send(pending)
         exchange, (w_gate, w_up, w_down) = sent.exchange, self.local_stacks()
         y_theirs = expert_swiglu(ep_dispatch_finish(sent), w_gate, w_up, w_down, exchange.their_counts)
         returning = ep_combine_start(y_theirs, exchange, self.deepspeed_moe.ep_group)
@@ -227,7 +225,7 @@ def _stacked(weights: list[torch.Tensor]) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class EPExchange:
-    """What `ep_dispatch_send` did, for the combine to undo: no state kept between the two.
+    """What `ep_dispatch_start` did, for the combine to undo: no state kept between the two.
     Only rows for other ranks travel (the splits to and from this rank itself are 0)."""
 
     in_splits: list[int]  # rows this rank sent to each rank
@@ -242,107 +240,61 @@ class EPExchange:
 
 @dataclass(frozen=True)
 class EPDispatch:
-    """Rows on their way to their experts' ranks (`ep_dispatch_send`), and those that stay."""
+    """Rows on their way to their experts' ranks (`ep_dispatch_start`), and those that stay."""
 
     rows: RowsInFlight
     own_rows: torch.Tensor
     exchange: EPExchange
 
 
-@dataclass
-class PendingDispatch:
-    """A dispatch whose counts were exchanged (`ep_dispatch_start`); its rows are sent by
-    `ep_dispatch_send`."""
+def ep_dispatch_start(x_ND: torch.Tensor, dispatch: Dispatch, ep_size: int, group) -> EPDispatch:
+    """Exchange the per-expert counts, read them on the host (the split sizes), and start sending
+    the tokens' rows sorted by global expert to the ranks owning them (rank p owns a contiguous
+    block of ids); this rank's rows for its own experts stay, gathered apart. Returns at once:
+    the caller computes (the shared experts) while the rows travel.
 
-    x_ND: torch.Tensor
-    dispatch: Dispatch
-    recv_counts: torch.Tensor  # [P, El] rows from source p for local expert j
-    their_counts: torch.Tensor  # [El] rows the other ranks send each local expert
-    host_counts: torch.Tensor  # [2, P, El] this rank's counts and the received ones, on their way to the host
-    copied: torch.cuda.Event | None  # when host_counts is filled (None: already, on the CPU)
-    rows_ready: torch.cuda.Event | None  # the rows are computed (the side stream's only dependency)
-    group: object
-    sent: EPDispatch | None = None
-
-
-def ep_dispatch_start(x_ND: torch.Tensor, dispatch: Dispatch, ep_size: int, group) -> PendingDispatch:
-    """Exchange the per-expert counts and start copying them to the host, where the split sizes
-    are needed. On a GPU nothing waits here: the rows go in `ep_dispatch_send`, so what the
-    caller queues in between (the shared experts) neither delays the host read nor the rows'
-    exchange. On the CPU the host read is free and the rows go at once (computing the shared
-    experts while they travel)."""
-    counts_E = dispatch.counts
+    On a GPU the rows are gathered and sent from a side stream, launched before the caller queues
+    anything else: the gathers get the SMs first and the exchange then runs beside the shared
+    experts. Reading the split sizes stalls the device for the host's launch of these few ops;
+    deferring the read until after the shared experts were queued (so nothing stalls) measured
+    slower, as the gathers then waited for the shared experts' full-width GEMMs and the exchange
+    ran after them (benchmarks/RESULTS.md)."""
+    counts_E, rank = dispatch.counts, dist.get_rank(group)
     P, El = ep_size, counts_E.numel() // ep_size
     recv_counts = torch.empty_like(counts_E)
     dist.all_to_all_single(recv_counts, counts_E.contiguous(), group=group)
-    both = torch.stack([counts_E.view(P, El), recv_counts.view(P, El)])
     recv_PE = recv_counts.view(P, El)
-    if not both.is_cuda:
-        pending = PendingDispatch(x_ND, dispatch, recv_PE, _their_counts(recv_PE, group), both, None, None, group)
-        ep_dispatch_send(pending)
-        return pending
-    host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
-    host.copy_(both, non_blocking=True)
-    copied, rows_ready = torch.cuda.Event(), torch.cuda.Event()
-    copied.record()
-    rows_ready.record()
-    # queued behind the copy, not in `ep_dispatch_send`: the host launches them while the counts travel
-    return PendingDispatch(x_ND, dispatch, recv_PE, _their_counts(recv_PE, group), host, copied, rows_ready, group)
-
-
-def _their_counts(recv_PE: torch.Tensor, group) -> torch.Tensor:
-    """Rows the other ranks send each local expert [El]."""
-    return recv_PE.sum(0) - recv_PE[dist.get_rank(group)]
+    sent_PE, counts_PE = torch.stack([counts_E.view(P, El), recv_PE]).tolist()  # the one host sync
+    own = slice(sum(map(sum, sent_PE[:rank])), sum(map(sum, sent_PE[:rank + 1])))
+    in_splits = [0 if p == rank else sum(sent_PE[p]) for p in range(P)]
+    out_splits = [0 if p == rank else sum(counts_PE[p]) for p in range(P)]
+    reorder = None
+    if P > 2:
+        their_PE = recv_PE.clone()
+        their_PE[rank] = 0
+        index = _source_major_to_expert_major(their_PE, sum(out_splits))
+        reorder = index, torch.empty_like(index).scatter_(0, index, torch.arange(index.numel(), device=index.device))
+    exchange = EPExchange(in_splits, out_splits, own, reorder, recv_PE.sum(0) - recv_PE[rank], recv_PE[rank], dispatch)
+    if not x_ND.is_cuda:
+        theirs, own_rows = dispatch_rows(x_ND, dispatch, own)
+        return EPDispatch(send_rows(theirs, out_splits, in_splits, group), own_rows, exchange)
+    side = _side_stream(x_ND.device)
+    side.wait_stream(torch.cuda.current_stream(x_ND.device))
+    with torch.cuda.stream(side):
+        theirs, own_rows = dispatch_rows(x_ND, dispatch, own)
+        rows = send_rows(theirs, out_splits, in_splits, group)
+    return EPDispatch(rows, own_rows, exchange)
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One stream per device that launches the rows' exchange: NCCL's stream waits for the
-    stream that launches a collective, so launched from the compute stream the exchange would
-    wait for everything queued there (the shared experts) instead of running beside it."""
+    """One stream per device for the dispatch's gathers and exchange, so that the shared experts
+    queued after them on the compute stream run beside them instead of after them."""
     if device not in _SIDE_STREAMS:
         _SIDE_STREAMS[device] = torch.cuda.Stream(device)
     return _SIDE_STREAMS[device]
 
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def ep_dispatch_send(pending: PendingDispatch) -> EPDispatch:
-    """Send the rows sorted by global expert to the other ranks owning them (rank p owns a
-    contiguous block of ids); this rank's rows for its own experts stay. Waits for the counts'
-    host copy only. Sends once: later calls return the same dispatch."""
-    if pending.sent is None:
-        pending.sent = _send(pending)
-    return pending.sent
-
-
-def _send(pending: PendingDispatch) -> EPDispatch:
-    if pending.copied is not None:
-        pending.copied.synchronize()
-    group, (P, El) = pending.group, pending.recv_counts.shape
-    rank = dist.get_rank(group)
-    sent_PE, counts_PE = pending.host_counts.tolist()
-    own = slice(sum(map(sum, sent_PE[:rank])), sum(map(sum, sent_PE[:rank + 1])))
-    in_splits = [0 if p == rank else sum(sent_PE[p]) for p in range(P)]
-    out_splits = [0 if p == rank else sum(counts_PE[p]) for p in range(P)]
-    reorder = None
-    if P > 2:
-        their_PE = pending.recv_counts.clone()
-        their_PE[rank] = 0
-        index = _source_major_to_expert_major(their_PE, sum(out_splits))
-        reorder = index, torch.empty_like(index).scatter_(0, index, torch.arange(index.numel(), device=index.device))
-    exchange = EPExchange(in_splits, out_splits, own, reorder, pending.their_counts, pending.recv_counts[rank],
-                          pending.dispatch)
-    x_ND = pending.x_ND
-    if pending.rows_ready is None:
-        theirs, own_rows = dispatch_rows(x_ND, pending.dispatch, own)
-        return EPDispatch(send_rows(theirs, out_splits, in_splits, group), own_rows, exchange)
-    side = _side_stream(x_ND.device)
-    side.wait_event(pending.rows_ready)
-    with torch.cuda.stream(side):
-        theirs, own_rows = dispatch_rows(x_ND, pending.dispatch, own)
-        rows = send_rows(theirs, out_splits, in_splits, group)
-    return EPDispatch(rows, own_rows, exchange)
 
 
 class _ReorderRows(torch.autograd.Function):

@@ -137,40 +137,14 @@ def test_overlapped_exchange_equals_the_single_process_layer(run):
 def test_shared_experts_run_while_rows_and_gradients_travel(run):
     """And a rank's own rows (which never travel) are computed while the other ranks' outputs,
     and in backward their gradients, travel."""
-    for rank, (_, (forward, backward), device) in run.items():
-        # CPU: dispatch sent, shared experts, dispatch received. GPU: the shared experts are
-        # queued first and the rows sent after them from a side stream that waits only for the
-        # rows (a send from the compute stream would wait for the shared experts on the device)
-        dispatch = ["_SendRows", "_ExpertSwiGLU"] if device == "cpu" else ["_ExpertSwiGLU", "_SendRows"]
-        # then the routed experts on the other ranks' rows, their outputs sent back, the routed
-        # experts on the own rows, the outputs received
-        assert forward == dispatch + ["_ReceiveRows", "_ExpertSwiGLU", "_SendRows", "_ExpertSwiGLU",
-                                      "_ReceiveRows"], f"rank {rank}: {forward}"
+    for rank, (_, (forward, backward), _) in run.items():
+        # the rows sent, the shared experts, the rows received; then the routed experts on the
+        # other ranks' rows, their outputs sent back, the routed experts on the own rows, the
+        # outputs received
+        assert forward == ["_SendRows", "_ExpertSwiGLU", "_ReceiveRows", "_ExpertSwiGLU", "_SendRows",
+                           "_ExpertSwiGLU", "_ReceiveRows"], f"rank {rank}: {forward}"
         # the returned outputs' gradients sent, the own rows' backward, the wait; the other ranks'
-        # rows' backward; their gradients sent, the shared experts' backward, and only then the
-        # wait. On a GPU that last wait is queued before the shared experts' backward, but it is
-        # a wait of the side stream the rows were sent from: the compute stream runs the shared
-        # experts' backward meanwhile, and only the gradient's use after it waits
-        tail = ["_ExpertSwiGLUBackward", "_SendRowsBackward"]
+        # rows' backward; their gradients sent, the shared experts' backward, and only then the wait
         assert backward == ["_ReceiveRowsBackward", "_ExpertSwiGLUBackward", "_SendRowsBackward",
-                            "_ExpertSwiGLUBackward", "_ReceiveRowsBackward"] + \
-            (tail if device == "cpu" else tail[::-1]), f"rank {rank}: {backward}"
-
-
-def test_local_stacks_alias_the_expert_weights_and_give_each_its_gradient(seed):
-    """The [n_local, ...] stacks the grouped products read are the experts' own weights (no
-    copy) as `parallelize_experts` lays them out; moved apart (here by a dtype change) they are
-    stacked by copy. Either way every expert gets exactly its slice of the gradient."""
-    layer = _layer(seed, shared=False)
-    parallelize_experts(layer, 2, 1)
-    for experts, aliased in ((layer.experts, True), (copy.deepcopy(layer.experts).double(), False)):
-        per_expert = experts.deepspeed_moe.experts.deepspeed_experts
-        stacks = experts.local_stacks()
-        assert (stacks[0].data_ptr() == per_expert[0].w_gate.data_ptr()) == aliased
-        for name, stack in zip(("w_gate", "w_up", "w_down"), stacks):
-            assert torch.equal(stack, torch.stack([getattr(e, name) for e in per_expert])), name
-        probes = [torch.randn_like(s) for s in stacks]
-        sum((s * p).sum() for s, p in zip(stacks, probes)).backward()
-        for name, probe in zip(("w_gate", "w_up", "w_down"), probes):
-            for i, e in enumerate(per_expert):
-                assert torch.equal(getattr(e, name).grad, probe[i]), f"{name} of expert {i}"
+                            "_ExpertSwiGLUBackward", "_ReceiveRowsBackward", "_ExpertSwiGLUBackward",
+                            "_SendRowsBackward"], f"rank {rank}: {backward}"
