@@ -211,8 +211,9 @@ class _StackedWeights(torch.autograd.Function):
 def _stacked(weights: list[torch.Tensor]) -> torch.Tensor:
     """`torch.stack(weights)` (autograd to each), without its copy where the weights lie back to
     back in one storage, as `ExpertParallelExperts` lays them out: at V2-Lite's shape the copy
-    was 0.37 ms of a 19 ms expert-parallel step. Anything that moves them apart (`.to()`, an
-    optimizer flattening its parameters) only brings the copy back."""
+    was 0.37 ms of a 19 ms expert-parallel step. Anything that moves them apart (`.to()`; an
+    optimizer flattening its parameters in another order than `parameters_kind_major`) only
+    brings the copy back."""
     first = weights[0]
     step, base = first.numel() * first.element_size(), first.data_ptr()
     fits = first.untyped_storage().nbytes() >= (first.storage_offset() + len(weights) * first.numel()) * \
@@ -352,6 +353,26 @@ def parallelize_experts(model: nn.Module, ep_size: int, ep_rank: int, group=None
         moe.experts = ExpertParallelExperts(moe.experts, ep_size, ep_rank)
         if group is not None:
             moe.experts.deepspeed_moe._set_ep_group(group)
+
+
+def parameters_kind_major(model: nn.Module) -> list[nn.Parameter]:
+    """`model.parameters()`, but each expert-parallel layer's expert weights kind by kind (every
+    expert's w_gate, then every w_up, then every w_down) instead of expert by expert. Optimizers
+    that flatten their parameters into one buffer in group order (DeepSpeed's ZeRO and bf16
+    optimizers) then keep each kind back to back, so `local_stacks` stays a view under them."""
+    blocks: dict[int, list[nn.Parameter]] = {}
+    for module in model.modules():
+        if isinstance(module, ExpertParallelExperts):
+            experts = module.deepspeed_moe.experts.deepspeed_experts
+            block = [getattr(e, kind) for kind in ("w_gate", "w_up", "w_down") for e in experts]
+            blocks.update((id(p), block) for p in block)
+    ordered, listed = [], set()
+    for p in model.parameters():
+        if id(p) not in listed:
+            block = blocks.get(id(p), [p])
+            ordered += block
+            listed.update(id(q) for q in block)
+    return ordered
 
 
 def gather_expert_stacks(model: Transformer) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ from model.moe import MoE
 from model.transformer import Transformer
 from train.data import TokenStream
 from train.deepspeed_moe import StockMoEBlock, gather_stock_experts, stock_export_config, stock_to_moray_state, use_stock_moe
-from train.expert_parallel import gather_expert_stacks, parallelize_experts
+from train.expert_parallel import gather_expert_stacks, parallelize_experts, parameters_kind_major
 from train.plain import load_imbalance, lr_at
 
 log = logging.getLogger(__name__)
@@ -67,9 +67,11 @@ def deepspeed_config(cfg: MorayConfig, micro: int, accum: int) -> dict:
 
 
 def build_optimizer(model: Transformer, cfg: MorayConfig) -> torch.optim.Optimizer:
-    decay = {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.train.weight_decay,
-             "name": "decay"}
-    no_decay = {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0, "name": "no_decay"}
+    """AdamW over DeepSpeed's MoE parameter groups, the expert weights kind by kind (DeepSpeed
+    flattens them in this order: see `parameters_kind_major`)."""
+    params = parameters_kind_major(model)
+    decay = {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.train.weight_decay, "name": "decay"}
+    no_decay = {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "name": "no_decay"}
     groups = split_params_into_different_moe_groups_for_optimizer([decay, no_decay])
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95))
 
