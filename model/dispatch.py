@@ -104,7 +104,7 @@ def slot_sum(rows_MD: torch.Tensor, slots_NK: torch.Tensor, weights_NK: torch.Te
     if not differentiable and rows_MD.is_cuda and HAVE_TRITON:
         return gather_weighted_sum(rows_MD, slots_NK, weights_NK, inset=inset)
     if inset is not None:
-        rows_MD = join_inset(rows_MD, *inset)
+        rows_MD = _join_inset(rows_MD, *inset)
     if padded:
         rows_MD = torch.cat([rows_MD, rows_MD.new_zeros(1, rows_MD.shape[1])])
     gathered = rows_MD[slots_NK]  # [N, K, D]
@@ -113,7 +113,7 @@ def slot_sum(rows_MD: torch.Tensor, slots_NK: torch.Tensor, weights_NK: torch.Te
     return torch.bmm(weights_NK.to(rows_MD.dtype).unsqueeze(1), gathered).squeeze(1)
 
 
-def join_inset(rest: torch.Tensor, inset_rows: torch.Tensor, start: int) -> torch.Tensor:
+def _join_inset(rest: torch.Tensor, inset_rows: torch.Tensor, start: int) -> torch.Tensor:
     """The sorted rows in one tensor: `inset_rows` put back between rest's first `start` rows and the others."""
     return torch.cat([rest[:start], inset_rows, rest[start:]])
 

@@ -218,8 +218,8 @@ def _stacked(weights: list[torch.Tensor]) -> torch.Tensor:
     step, base = first.numel() * first.element_size(), first.data_ptr()
     fits = first.untyped_storage().nbytes() >= (first.storage_offset() + len(weights) * first.numel()) * \
         first.element_size()
-    if fits and first.is_contiguous() and all(w.data_ptr() == base + i * step and w.shape == first.shape
-                                              for i, w in enumerate(weights)):
+    if fits and all(w.data_ptr() == base + i * step and w.shape == first.shape and w.dtype == first.dtype
+                    and w.is_contiguous() for i, w in enumerate(weights)):
         return _StackedWeights.apply(*weights)
     return torch.stack(weights)
 
