@@ -26,20 +26,24 @@ from train.expert_parallel import parallelize_experts
 DIM, TOKENS = 16, 24
 
 
-def _layer(seed: int, shared: bool) -> MoE:
+def _layer(seed: int, shared: bool, capacity_factor: float = 0.0) -> MoE:
     torch.manual_seed(seed)
-    moe = MoE(DIM, MoEConfig(n_routed_experts=8, n_shared_experts=1 if shared else 0, top_k=2, moe_inter_dim=12))
+    moe = MoE(DIM, MoEConfig(n_routed_experts=8, n_shared_experts=1 if shared else 0, top_k=2, moe_inter_dim=12,
+                             capacity_factor=capacity_factor))
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0, DIM**-0.5)
     return moe
 
 
-def _differences(rank: int, seed: int, shared: bool, starve_last_rank: bool, device: torch.device) -> dict:
+def _differences(rank: int, seed: int, shared: bool, starve_last_rank: bool, device: torch.device,
+                 capacity_factor: float = 0.0) -> dict:
     """Max differences (relative for weight gradients) of the expert-parallel layer from the
-    single-process layer: output, input gradient, every parameter's gradient."""
+    single-process layer run on each rank's tokens in turn: output, input gradient, every
+    parameter's gradient. (Each rank routes its own tokens, so a capacity limit drops the same
+    copies in both.)"""
     world = dist.get_world_size()
-    full = _layer(seed, shared).to(device)
+    full = _layer(seed, shared, capacity_factor).to(device)
     if starve_last_rank:  # the selection bias keeps every token off the last rank's experts: it receives no rows
         full.expert_bias[8 - 8 // world:] = -100.0
     ep = copy.deepcopy(full)
@@ -47,9 +51,9 @@ def _differences(rank: int, seed: int, shared: bool, starve_last_rank: bool, dev
 
     g = torch.Generator().manual_seed(seed + 1)  # every rank draws every rank's tokens, keeps its own
     xs, douts = (torch.randn(world, TOKENS, DIM, generator=g).to(device) for _ in range(2))
-    x_all = xs.reshape(1, -1, DIM).requires_grad_()
-    ref, _ = full(x_all)
-    ref.backward(douts.reshape(1, -1, DIM))
+    x_all = xs.clone().requires_grad_()
+    ref = torch.stack([full(x_all[r][None])[0][0] for r in range(world)])
+    ref.backward(douts)
     x = xs[rank][None].clone().requires_grad_()
     out, _ = ep(x)
     out.backward(douts[rank][None])
@@ -69,10 +73,12 @@ def _differences(rank: int, seed: int, shared: bool, starve_last_rank: bool, dev
             dist.all_reduce(summed)
             want = dict(full.named_parameters())[name].grad
             diff[f"{name} grad"] = (summed - want).abs().max() / max(1.0, float(want.abs().max()))
-    case = f"rank {rank} shared={shared} starved={starve_last_rank}"
+    case = f"rank {rank} shared={shared} starved={starve_last_rank} capacity={capacity_factor}"
     result = {f"{case}: {k}": float(v) for k, v in diff.items()}
     if starve_last_rank and rank == world - 1:  # the premise: this rank's experts saw no row
         result[f"{case}: rows received"] = sum(float(p.grad.abs().sum()) for p in ep.experts.parameters())
+    if capacity_factor:  # the premise: the limit drops copies
+        result[f"{case}: copies dropped"] = full.gate_route(xs[rank].to(device))[1].dropped
     return result
 
 
@@ -103,6 +109,7 @@ def _worker(rank: int, backend: str, world: int, port: int, seed: int, results) 
         diffs = {}
         for shared, starve in itertools.product((True, False), (False, True)):
             diffs.update(_differences(rank, seed, shared, starve, device))
+        diffs.update(_differences(rank, seed, True, False, device, capacity_factor=0.75))
         results[rank] = diffs, _event_order(rank, seed, device), device.type
     finally:
         dist.destroy_process_group()
@@ -125,12 +132,15 @@ def run(request):
 
 def test_overlapped_exchange_equals_the_single_process_layer(run):
     """Output, input gradient, expert, gate and shared-expert gradients, with and without shared
-    experts, with random routing and with a rank that receives no rows."""
+    experts, with random routing, with a rank that receives no rows, and with a capacity limit
+    dropping copies."""
     assert sorted(run) == list(range(len(run))) and len(run) in (2, 4)
     for diffs, _, _ in run.values():
         for case, diff in diffs.items():
             if case.endswith("rows received"):
                 assert diff == 0, f"{case}: the starved rank's experts got gradient"
+            elif case.endswith("copies dropped"):
+                assert diff > 0, f"{case}: the capacity limit dropped nothing"
             else:
                 assert diff <= 1e-5, f"{case}: {diff:.2e}"
 
