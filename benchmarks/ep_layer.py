@@ -34,7 +34,7 @@ baseline keeps every SM.
 
 `--profile DIR` records one more call of each variant at the largest token count with
 torch.profiler on every rank and writes each rank's kernel table (`<variant>_rank<r>.txt`,
-device time by kernel), trace (`<variant>_rank<r>.json`, for chrome://tracing or Perfetto) and
+device time by kernel), host table (`<variant>_rank<r>_host.txt`, host time by op), trace (`<variant>_rank<r>.json`, for chrome://tracing or Perfetto) and
 overlap summary (`<variant>_rank<r>_overlap.txt`: device idle time, and how much of each NCCL
 kernel ran beside computation) into DIR: where the exchange's time goes beyond raw NCCL, and
 which exchanges are exposed.
@@ -69,7 +69,7 @@ from model.expert_ffn import expert_swiglu  # noqa: E402
 from model.moe import MoE  # noqa: E402
 from timing import cuda_times  # noqa: E402  (benchmarks/timing.py)
 from train.expert_parallel import (ExpertParallelExperts, ep_combine_finish, ep_combine_start,  # noqa: E402
-                                   ep_dispatch_finish, ep_dispatch_start,
+                                   ep_dispatch_finish, ep_dispatch_start, ep_own_dispatch,
                                    parallelize_experts)
 
 SHAPES = {
@@ -90,7 +90,8 @@ class ExchangeFirst(nn.Module):
         sent = self.inner.start(x_ND, dispatch)
         (rows, their), exchange = ep_dispatch_finish(sent), sent.exchange
         w = self.inner.local_stacks()
-        y_own = expert_swiglu(x_ND, *w, exchange.own.counts, exchange.own)
+        own = ep_own_dispatch(exchange)
+        y_own = expert_swiglu(x_ND, *w, own.counts, own)
         y_theirs = expert_swiglu(rows, *w, their.counts, their)
         returning = ep_combine_start(y_theirs, exchange, self.inner.deepspeed_moe.ep_group)
         return ep_combine_finish(returning, y_own, exchange)
@@ -180,6 +181,8 @@ class Rank:
         os.makedirs(out_dir, exist_ok=True)
         for name, fn in variants.items():
             torch._C._set_sm_carveout_experimental(sm_carveout or None if name in ("two", "serial") else None)
+            for _ in range(3):  # warm: first launches load kernels (and Triton compiles its variants)
+                fn()
             self.barrier()
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -189,6 +192,8 @@ class Rank:
             stem = os.path.join(out_dir, f"{name}_rank{self.rank}")
             with open(stem + ".txt", "w") as f:
                 f.write(prof.key_averages().table(sort_by="device_time_total", row_limit=40))
+            with open(stem + "_host.txt", "w") as f:
+                f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
             prof.export_chrome_trace(stem + ".json")
             with open(stem + "_overlap.txt", "w") as f:
                 f.write(overlap_summary(stem + ".json"))
@@ -232,7 +237,7 @@ class Rank:
             x_comm.grad = weights.grad = None  # as in the layer: gradients are stored, not added to old ones
             sent = ep_dispatch_start(x_comm, dispatch, 2, group)
             returning = ep_combine_start(identity_experts(*ep_dispatch_finish(sent)), sent.exchange, group)
-            y_own = identity_experts(x_comm, sent.exchange.own)
+            y_own = identity_experts(x_comm, ep_own_dispatch(sent.exchange))
             ep_combine_finish(returning, y_own, sent.exchange).backward(x_comm.detach())
 
         def local_permute():  # what one device does besides the experts: every copy permuted and combined

@@ -27,12 +27,12 @@ no `out=` and no accumulate, and a grouped result would be one more block-sized 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from model.dispatch import BlockSum, Dispatch, slot_sum, slot_values
-from model.grouped import grouped_mm, grouped_mm_weight_grad
+from model.grouped import group_offsets, grouped_mm, grouped_mm_weight_grad
 from model.swiglu_kernels import swiglu, swiglu_backward
 
 
@@ -41,13 +41,15 @@ class RowBlock:
     """Sorted rows [rows.start, rows.stop) of the experts in `experts`, `counts` rows each. A hot
     expert's rows may be cut into several one-expert blocks; all but the first are `continued`
     (their weight gradient adds to the one before). `host_counts` repeats `counts` on the host
-    where the blocks were cut from them (empty for the one block of the sync-free path)."""
+    where the blocks were cut from them (empty for the one block of the sync-free path);
+    `offsets` are the grouped products' group ends, made once for the block's products."""
 
     rows: slice
     experts: slice
     counts: torch.Tensor | None
     continued: bool = False
     host_counts: tuple[int, ...] = ()
+    offsets: torch.Tensor | None = None
 
 
 def row_blocks(counts_E: torch.Tensor | None, chunks: int) -> list[RowBlock]:
@@ -55,7 +57,7 @@ def row_blocks(counts_E: torch.Tensor | None, chunks: int) -> list[RowBlock]:
     rows than that cut into pieces of its own; one block, with no host sync, when chunks is 1.
     No block is empty: idle experts left out of every block get zero weight gradients."""
     if chunks <= 1 or counts_E is None:
-        return [RowBlock(slice(None), slice(None), counts_E)]
+        return [RowBlock(slice(None), slice(None), counts_E, offsets=group_offsets(counts_E))]
     counts = counts_E.tolist()  # the chunked step's one host sync per layer
     target = max(1, -(-sum(counts) // chunks))
     blocks, e0, r0, r1 = [], 0, 0, 0
@@ -72,7 +74,7 @@ def row_blocks(counts_E: torch.Tensor | None, chunks: int) -> list[RowBlock]:
         r1 += c
     if r1 > r0:
         blocks.append(RowBlock(slice(r0, r1), slice(e0, len(counts)), counts_E[e0:], host_counts=tuple(counts[e0:])))
-    return blocks
+    return [replace(b, offsets=group_offsets(b.counts)) for b in blocks]
 
 
 def _block_rows(x: torch.Tensor, dispatch: Dispatch | None, block: RowBlock) -> torch.Tensor:
@@ -92,7 +94,7 @@ def _weight_grad(total: torch.Tensor | None, block: RowBlock, a_rows: torch.Tens
     slice (`torch._grouped_mm` has no `out=`: a grouped gradient would be a second copy of the
     block's gradients, then copied into place); a cut expert's pieces add up in place."""
     if total is None:
-        return grouped_mm_weight_grad(a_rows, b_rows, block.counts, impl)
+        return grouped_mm_weight_grad(a_rows, b_rows, block.counts, impl, block.offsets)
     # views per expert made by one call each: at V2-Lite's shape a few host microseconds per
     # slicing op would add up to more than the GPU time of these matmuls
     pieces = zip(total[block.experts].unbind(0), a_rows.t().split(block.host_counts, 1),
@@ -109,7 +111,7 @@ def _input_grad_rows(block: RowBlock, dg: torch.Tensor, du: torch.Tensor, w_gate
                      impl: str) -> torch.Tensor:
     """dg W_gate^T + du W_up^T per expert [rows, D]: the second product added in place expert by
     expert, so a block makes one [rows, D] tensor and combines it once."""
-    dx_rows = grouped_mm(dg, w_gate[block.experts].transpose(-2, -1), block.counts, impl)
+    dx_rows = grouped_mm(dg, w_gate[block.experts].transpose(-2, -1), block.counts, impl, block.offsets)
     pieces = zip(dx_rows.split(block.host_counts), du.split(block.host_counts),
                  w_up[block.experts].transpose(-2, -1).unbind(0))
     for out, du_e, w_t in pieces:
@@ -118,12 +120,12 @@ def _input_grad_rows(block: RowBlock, dg: torch.Tensor, du: torch.Tensor, w_gate
 
 
 def _single_input_grad(dg: torch.Tensor, du: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-                       dispatch: Dispatch | None, counts: torch.Tensor | None, impl: str) -> torch.Tensor:
+                       dispatch: Dispatch | None, block: RowBlock, impl: str) -> torch.Tensor:
     """dg W_gate^T + du W_up^T for all rows at once (no host counts, so one grouped product each),
     reduced to tokens with a dispatch: each [M, D] product is reduced before the next is made."""
     dx = None
     for d_proj, w in ((dg, w_gate), (du, w_up)):
-        part = grouped_mm(d_proj, w.transpose(-2, -1), counts, impl)
+        part = grouped_mm(d_proj, w.transpose(-2, -1), block.counts, impl, block.offsets)
         if dispatch is not None:
             part = slot_sum(part, dispatch.slots, None, dispatch.dropped > 0)
         dx = part if dx is None else dx.add_(part)
@@ -138,10 +140,10 @@ class _ExpertSwiGLU(torch.autograd.Function):
         projections = []
         for b in blocks:
             x_b = _block_rows(x, dispatch, b)
-            g = grouped_mm(x_b, w_gate[b.experts], b.counts, impl)
-            u = grouped_mm(x_b, w_up[b.experts], b.counts, impl)
+            g = grouped_mm(x_b, w_gate[b.experts], b.counts, impl, b.offsets)
+            u = grouped_mm(x_b, w_up[b.experts], b.counts, impl, b.offsets)
             del x_b
-            y = grouped_mm(swiglu(g, u), w_down[b.experts], b.counts, impl)
+            y = grouped_mm(swiglu(g, u), w_down[b.experts], b.counts, impl, b.offsets)
             if dispatch is None:
                 out = y
             elif single:
@@ -171,7 +173,7 @@ class _ExpertSwiGLU(torch.autograd.Function):
         for i, b in enumerate(blocks):
             g, u = projections[2 * i], projections[2 * i + 1]
             dy_b = _block_rows(dout, dispatch, b)
-            dz = grouped_mm(dy_b, w_down[b.experts].transpose(-2, -1), b.counts, impl)  # d(loss)/d(h) before the combine weight
+            dz = grouped_mm(dy_b, w_down[b.experts].transpose(-2, -1), b.counts, impl, b.offsets)  # d(loss)/d(h) before the combine weight
             row_weights = None if dispatch is None else dispatch.weights[b.rows].detach()
             dg, du, wh, d_rows_b = swiglu_backward(dz, g, u, row_weights)  # wh: h scaled by the row's weight
             if row_weights is not None:
@@ -183,7 +185,7 @@ class _ExpertSwiGLU(torch.autograd.Function):
             dw_up = _weight_grad(dw_up, b, x_b, du, impl)
             del x_b
             if single:
-                dx = _single_input_grad(dg, du, w_gate, w_up, dispatch, b.counts, impl)
+                dx = _single_input_grad(dg, du, w_gate, w_up, dispatch, b, impl)
             else:
                 dx.add(_input_grad_rows(b, dg, du, w_gate, w_up, impl), b.rows.start, dispatch.slots, None)
         d_slot_weights = None

@@ -31,35 +31,41 @@ def _use_native(x: torch.Tensor, w: torch.Tensor, impl: str) -> bool:
     return impl == "native" or (impl == "auto" and _native_supported(x, w))
 
 
+def group_offsets(counts_E: torch.Tensor | None) -> torch.Tensor | None:
+    """The native kernel's group ends (counts_E's cumulative sum, int32). An expert step makes
+    up to nine grouped products over the same groups; computing these once saves a launch each,
+    which counts where the host, not the device, sets the pace (small steps, expert parallelism's
+    per-layer host sync)."""
+    return None if counts_E is None else torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+
+
 def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor | None,
-               impl: str = "auto") -> torch.Tensor:
+               impl: str = "auto", offsets: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of x sorted by expert (counts_E rows each) times their expert's weight: [M, N].
     counts_E None means a single expert owning every row: a plain matmul.
 
     impl: "auto" picks the native kernel where it runs, "native" forces it, "loop" forces the
-    per-expert loop.
+    per-expert loop. offsets: `group_offsets(counts_E)`, where the caller has it already.
     """
     _check_impl(impl)
     if counts_E is None:
         return x_MK @ w_EKN[0]
     if _use_native(x_MK, w_EKN, impl) and x_MK.shape[0] > 0:
-        offsets = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
-        return torch._grouped_mm(x_MK, w_EKN, offs=offsets)
+        return torch._grouped_mm(x_MK, w_EKN, offs=group_offsets(counts_E) if offsets is None else offsets)
     blocks = torch.split(x_MK, counts_E.tolist(), dim=0)
     outs = [block @ w_EKN[e] for e, block in enumerate(blocks)]
     return torch.cat(outs, dim=0) if outs else x_MK.new_zeros(0, w_EKN.shape[-1])
 
 
 def grouped_mm_weight_grad(x_MK: torch.Tensor, dy_MN: torch.Tensor, counts_E: torch.Tensor | None,
-                           impl: str = "auto") -> torch.Tensor:
+                           impl: str = "auto", offsets: torch.Tensor | None = None) -> torch.Tensor:
     """Per expert, its block of x transposed times its block of dy: the weight gradient [E, K, N]
     of `grouped_mm`, in one kernel (the groups split the reduction dimension)."""
     _check_impl(impl)
     if counts_E is None:
         return (x_MK.t() @ dy_MN)[None]
     if _use_native(x_MK, dy_MN, impl) and x_MK.shape[0] > 0:
-        offsets = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
-        return torch._grouped_mm(x_MK.t(), dy_MN, offs=offsets)
+        return torch._grouped_mm(x_MK.t(), dy_MN, offs=group_offsets(counts_E) if offsets is None else offsets)
     blocks = zip(torch.split(x_MK, counts_E.tolist()), torch.split(dy_MN, counts_E.tolist()))
     return torch.stack([a.t() @ b for a, b in blocks]) if counts_E.numel() else \
         x_MK.new_zeros(0, x_MK.shape[1], dy_MN.shape[1])

@@ -40,6 +40,7 @@ expert-data-parallel group only and writes them as expert checkpoint files.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -191,7 +192,8 @@ class ExpertParallelExperts(DeepSpeedMoE):
         rows, their = ep_dispatch_finish(sent)
         returning = ep_combine_start(expert_swiglu(rows, *weights, their.counts, their), exchange,
                                      self.deepspeed_moe.ep_group)
-        y_own = expert_swiglu(sent.tokens, *weights, exchange.own.counts, exchange.own)
+        own = ep_own_dispatch(exchange)
+        y_own = expert_swiglu(sent.tokens, *weights, own.counts, own)
         return ep_combine_finish(returning, y_own, exchange)
 
 
@@ -234,8 +236,10 @@ class EPExchange:
     in_splits: list[int]  # token rows this rank sent to each rank
     out_splits: list[int]  # token rows this rank received from each rank
     their_copies: int  # copies of the received rows for this rank's experts (rows the experts compute)
+    own_rows: slice  # this rank's copies for its own experts, within the layer's sorted rows
+    own_experts: slice  # this rank's experts, within the layer's
+    dispatch: Dispatch  # the layer's: this rank's tokens' copies, sorted by global expert
     sent: Dispatch  # this rank's tokens -> the rows sent: one per (rank, token), counts per rank
-    own: Dispatch  # this rank's tokens' copies for its own experts (a slice of the layer's dispatch)
 
 
 @dataclass(frozen=True)
@@ -257,75 +261,67 @@ def ep_dispatch_start(x_ND: torch.Tensor, dispatch: Dispatch, ep_size: int, grou
     its experts itself and sends back one row per token, already combined. Returns at once: the
     caller computes (the shared experts) while the rows travel.
 
-    On a GPU the rows are gathered and sent from a side stream, launched before the caller queues
-    anything else: the gathers get the SMs first and the exchange then runs beside the shared
-    experts. Reading the split sizes stalls the device for the host's launch of these few ops;
-    deferring the read until after the shared experts were queued (so nothing stalls) measured
-    slower, as the gathers then waited for the shared experts' full-width GEMMs and the exchange
-    ran after them (benchmarks/RESULTS.md)."""
+    Everything that does not need the split sizes is queued before the host reads them: after
+    the read the device idles until the host has launched the rows' gather and exchange, so only
+    those few ops come after it. On a GPU they run on a side stream, so the exchange runs beside
+    the shared experts the caller queues next. (Deferring the read until after the shared experts
+    were queued measured slower: the gathers then waited for the shared experts' full-width
+    GEMMs and the exchange ran after them; benchmarks/RESULTS.md.)"""
     counts_E, rank = dispatch.counts, dist.get_rank(group)
-    P, El = ep_size, counts_E.numel() // ep_size
+    P, El, (N, K) = ep_size, counts_E.numel() // ep_size, dispatch.slots.shape
     experts_NK = torch.bucketize(dispatch.slots, torch.cumsum(counts_E, 0), right=True)  # a dropped copy: E
-    rank_NK = torch.div(experts_NK, El, rounding_mode="floor")
-    to_rank_PN = (rank_NK[None] == torch.arange(P, device=rank_NK.device)[:, None, None]).any(-1)
+    ranks = torch.arange(P, device=experts_NK.device)
+    here_PNK = torch.div(experts_NK, El, rounding_mode="floor")[None] == ranks[:, None, None]
+    to_rank_PN = here_PNK.any(-1)
     to_rank_PN[rank] = False
     table = torch.cat([counts_E.view(P, El), to_rank_PN.sum(1, keepdim=True)], 1)  # [P, El + 1]: copies, tokens
     received = torch.empty_like(table)
     dist.all_to_all_single(received, table, group=group)
+    # the rows to send, rank-major, tokens in order within a rank: each (rank, token)'s place in
+    # the send order (P N where nothing goes), and the order's (rank, token) pairs
+    flat = to_rank_PN.reshape(-1)
+    slots_PN = torch.where(flat, torch.cumsum(flat, 0) - 1, P * N).view(P, N)
+    order = torch.empty(P * N + 1, dtype=torch.long, device=flat.device)
+    order.scatter_(0, slots_PN.reshape(-1), torch.arange(P * N, device=flat.device))
+    local_ids = torch.where(here_PNK, experts_NK[None] - ranks[:, None, None] * El, El)
+    weights = torch.where(here_PNK, dispatch.slot_weights[None], 0.0)
+    routes = torch.cat([weights.float(), local_ids.float()], -1).view(P * N, 2 * K)
+    ones_NP, ones = (torch.ones(n, dtype=dispatch.slot_weights.dtype, device=flat.device) for n in ((N, P), P * N))
+
     sent_table, received_table = torch.stack([table, received]).tolist()  # the one host sync
     in_splits, out_splits = [t[El] for t in sent_table], [t[El] for t in received_table]
     own_start = sum(map(sum, (t[:El] for t in sent_table[:rank])))
-    own = _own_dispatch(dispatch, slice(own_start, own_start + sum(sent_table[rank][:El])), slice(rank * El,
-                                                                                                 (rank + 1) * El))
+    own_rows = slice(own_start, own_start + sum(sent_table[rank][:El]))
     their_copies = sum(sum(t[:El]) for p, t in enumerate(received_table) if p != rank)
-    if not x_ND.is_cuda:
-        sent, rows, routes = _send_tokens(x_ND, dispatch, experts_NK, rank_NK, to_rank_PN, in_splits, out_splits,
-                                          El, group)
-    else:
-        side = _side_stream(x_ND.device)
-        side.wait_stream(torch.cuda.current_stream(x_ND.device))
-        with torch.cuda.stream(side):
-            sent, rows, routes = _send_tokens(x_ND, dispatch, experts_NK, rank_NK, to_rank_PN, in_splits,
-                                              out_splits, El, group)
-    return EPDispatch(x_ND, rows, routes, EPExchange(in_splits, out_splits, their_copies, sent, own))
+    S = sum(in_splits)
+    stream = _side_stream(x_ND.device) if x_ND.is_cuda else None
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream(x_ND.device))
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        order = order[:S]
+        sent = Dispatch(token_index=order % N, weights=ones[:S], counts=to_rank_PN.sum(1),
+                        routed_counts=to_rank_PN.sum(1), dropped=N * P - S,
+                        slots=slots_PN.clamp(max=S).t().contiguous(), slot_weights=ones_NP)
+        routes = send_rows(routes[order], out_splits, in_splits, group)  # first: the receiver permutes by them
+        rows = send_rows(dispatch_rows(x_ND, sent), out_splits, in_splits, group)
+    exchange = EPExchange(in_splits, out_splits, their_copies, own_rows, slice(rank * El, (rank + 1) * El),
+                          dispatch, sent)
+    return EPDispatch(x_ND, rows, routes, exchange)
 
 
-def _own_dispatch(dispatch: Dispatch, rows: slice, experts: slice) -> Dispatch:
+def ep_own_dispatch(exchange: EPExchange) -> Dispatch:
     """The layer's dispatch cut to this rank's experts: their sorted rows are a contiguous range,
-    and every other copy is a dropped one (slot M)."""
+    and every other copy is a dropped one (slot M). Made after the rows were sent, off the path
+    from the host's read of the split sizes to the exchange."""
+    dispatch, rows, experts = exchange.dispatch, exchange.own_rows, exchange.own_experts
     M = rows.stop - rows.start
     slots = dispatch.slots - rows.start
     slots = torch.where((slots >= 0) & (slots < M), slots, M)
-    return Dispatch(token_index=dispatch.token_index[rows], weights=dispatch.weights[rows],
+    # copies, not views: a slice starting mid-tensor is not 16-byte aligned, and the Triton kernels
+    # that read them would be compiled anew for every alignment the split happens to give
+    return Dispatch(token_index=dispatch.token_index[rows].clone(), weights=dispatch.weights[rows].clone(),
                     counts=dispatch.counts[experts], routed_counts=dispatch.routed_counts[experts],
                     dropped=dispatch.slots.numel() - M, slots=slots, slot_weights=dispatch.slot_weights)
-
-
-def _send_tokens(x_ND: torch.Tensor, dispatch: Dispatch, experts_NK: torch.Tensor, rank_NK: torch.Tensor,
-                 to_rank_PN: torch.Tensor, in_splits: list[int], out_splits: list[int], El: int, group
-                 ) -> tuple[Dispatch, RowsInFlight, RowsInFlight]:
-    """The rows sent (rank-major, tokens in order within a rank) as a `Dispatch` of tokens to
-    rows, so that `dispatch_rows` / `combine_rows` gather and sum them; the routes first (the
-    receiver needs them before the rows, to permute), then the rows."""
-    P, N = to_rank_PN.shape
-    S = sum(in_splits)
-    position_PN = torch.cumsum(to_rank_PN.reshape(-1), 0).view(P, N) - 1
-    slots_PN = torch.where(to_rank_PN, position_PN, S)  # row S: a token with no expert on that rank
-    ranks_PN = torch.arange(P, device=x_ND.device)[:, None].expand(P, N)
-    token_index = torch.empty(S + 1, dtype=torch.long, device=x_ND.device)
-    token_index.scatter_(0, slots_PN.reshape(-1), torch.arange(N, device=x_ND.device).repeat(P))
-    dest = torch.empty_like(token_index).scatter_(0, slots_PN.reshape(-1), ranks_PN.reshape(-1))
-    token_index, dest = token_index[:S], dest[:S]
-    ones = torch.ones(N, P, dtype=dispatch.slot_weights.dtype, device=x_ND.device)
-    sent = Dispatch(token_index=token_index, weights=ones.new_ones(S), counts=to_rank_PN.sum(1),
-                    routed_counts=to_rank_PN.sum(1), dropped=N * P - S, slots=slots_PN.t().contiguous(),
-                    slot_weights=ones)
-    here_SK = rank_NK[token_index] == dest[:, None]
-    local_ids = torch.where(here_SK, experts_NK[token_index] - dest[:, None] * El, El)
-    weights = torch.where(here_SK, dispatch.slot_weights[token_index], 0.0)
-    routes = torch.cat([weights.float(), local_ids.float()], 1)
-    routes = send_rows(routes, out_splits, in_splits, group)
-    return sent, send_rows(dispatch_rows(x_ND, sent), out_splits, in_splits, group), routes
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
@@ -345,7 +341,8 @@ def ep_dispatch_finish(sent: EPDispatch) -> tuple[torch.Tensor, Dispatch]:
     routes = receive_rows(sent.routes)
     K = routes.shape[1] // 2
     weights, local_ids = routes[:, :K], routes[:, K:].detach().long()
-    El = sent.exchange.own.counts.numel()
+    experts = sent.exchange.own_experts
+    El = experts.stop - experts.start
     # the copies for other ranks' experts sort last, as a pseudo-expert El, and are cut off as dropped
     full = permute(Routing(weights, local_ids, None), El + 1)
     M = sent.exchange.their_copies

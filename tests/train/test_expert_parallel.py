@@ -196,7 +196,7 @@ def _deepspeed_layout(_rank: int, port: int, results) -> None:
         model = build_model(cfg, 0, None)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
                                                config=deepspeed_config(cfg, 1, 1))
-        tokens = torch.randint(0, cfg.model.vocab_size, (1, 9))
+        tokens = torch.randint(0, cfg.model.vocab_size, (1, 9)).to(engine.device)  # DeepSpeed moved the model to its accelerator
         engine.backward(engine.module.loss(tokens[:, :-1], tokens[:, 1:]).loss)
         engine.step()
         layers = [m.experts for m in model.modules() if isinstance(m, MoELayer)]
