@@ -13,17 +13,13 @@ as fused grouped GEMMs, combine, shared experts). Timed in the same run:
               shared experts and the rank's own rows wait for the network; overlap gain = its time
               / the two-device time
   moray comm  `ep_dispatch_start/finish` + `ep_combine_start/finish` on tokens routed at random,
-              forward and backward: counts exchange, host split sizes, each token's row and routes
-              sent once to the other rank if any of its experts are there, the receiver's
-              permutation, rows back (one per token, already combined), both ways. The experts are
-              the identity, but their own permutation and combine run, on both ranks (the
-              receiver's rows and the own tokens), as in the layer
-  permute     what one device does instead: every copy permuted and combined, no exchange; the
+              the expert computation replaced by the identity, forward and backward (counts exchange,
+              host split sizes, rows out and back, both ways; a rank's rows for its own experts
+              stay, as in the layer); it includes the permutation and combine of the rows
+  permute     that permutation and combine alone (`dispatch_rows` / `combine_rows`, no exchange): the
               exchange's own cost is moray comm - permute
-  raw comm    the same rows (one per token and other rank) crossing in four `all_to_all_single`
-              calls with the splits known in advance; raw/moray = raw comm / (moray comm - permute).
-              "raw copies" times the same for every copy bound for the other rank's experts: the
-              bytes an exchange of copies (sending a token once per expert) moves
+  raw comm    the same four `all_to_all_single` calls (the same rows crossing, no own rows) with the
+              splits known in advance; raw/moray = raw comm / (moray comm - permute)
 
 Each rank checks its expert-parallel output against the one-device layer on its own tokens.
 
@@ -69,7 +65,7 @@ from model.expert_ffn import expert_swiglu  # noqa: E402
 from model.moe import MoE  # noqa: E402
 from timing import cuda_times  # noqa: E402  (benchmarks/timing.py)
 from train.expert_parallel import (ExpertParallelExperts, ep_combine_finish, ep_combine_start,  # noqa: E402
-                                   ep_dispatch_finish, ep_dispatch_start, ep_own_dispatch,
+                                   ep_dispatch_finish, ep_dispatch_start,
                                    parallelize_experts)
 
 SHAPES = {
@@ -88,11 +84,10 @@ class ExchangeFirst(nn.Module):
 
     def start(self, x_ND: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
         sent = self.inner.start(x_ND, dispatch)
-        (rows, their), exchange = ep_dispatch_finish(sent), sent.exchange
+        rows, exchange = ep_dispatch_finish(sent), sent.exchange
         w = self.inner.local_stacks()
-        own = ep_own_dispatch(exchange)
-        y_own = expert_swiglu(x_ND, *w, own.counts, own)
-        y_theirs = expert_swiglu(rows, *w, their.counts, their)
+        y_own = expert_swiglu(sent.own_rows, *w, exchange.own_counts)
+        y_theirs = expert_swiglu(rows, *w, exchange.their_counts)
         returning = ep_combine_start(y_theirs, exchange, self.inner.deepspeed_moe.ep_group)
         return ep_combine_finish(returning, y_own, exchange)
 
@@ -224,49 +219,34 @@ class Rank:
         # communication alone: tokens routed uniformly at random, the expert computation the identity
         E, K = self.cfg.n_routed_experts, self.cfg.top_k
         weights, experts = torch.rand(tokens, E, device=self.device).topk(K, dim=-1)
-        weights.requires_grad_()  # as the gate's: the combine's backward sends their gradients back too
         dispatch = permute(Routing(weights, experts, None), E)
         x_comm = torch.randn(tokens, self.dim, device=self.device, dtype=self.dtype, requires_grad=True)
         group = dist.group.WORLD
 
-        def identity_experts(rows: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
-            """The expert step's own permutation and combine, with no expert between them."""
-            return combine_rows(dispatch_rows(rows, dispatch), dispatch)
-
         def moray_comm():
-            x_comm.grad = weights.grad = None  # as in the layer: gradients are stored, not added to old ones
+            x_comm.grad = None  # as in the layer: the gradient is stored, not added to an old one
             sent = ep_dispatch_start(x_comm, dispatch, 2, group)
-            returning = ep_combine_start(identity_experts(*ep_dispatch_finish(sent)), sent.exchange, group)
-            y_own = identity_experts(x_comm, ep_own_dispatch(sent.exchange))
-            ep_combine_finish(returning, y_own, sent.exchange).backward(x_comm.detach())
+            returning = ep_combine_start(ep_dispatch_finish(sent), sent.exchange, group)
+            ep_combine_finish(returning, sent.own_rows, sent.exchange).backward(x_comm.detach())
 
-        def local_permute():  # what one device does besides the experts: every copy permuted and combined
-            x_comm.grad = weights.grad = None
-            identity_experts(x_comm, dispatch).backward(x_comm.detach())
+        def local_permute():  # what moray_comm does besides exchanging: the permutation and combine
+            x_comm.grad = None
+            combine_rows(dispatch_rows(x_comm, dispatch), dispatch).backward(x_comm.detach())
 
-        # the same bytes: each rank's token rows for the other rank, there and back, and (for
-        # comparison) every copy for the other rank's experts, as an exchange of copies sends them
-        rank, peer = self.rank, 1 - self.rank
-        tokens_to_peer = int(((experts // (E // 2)) == peer).any(1).sum())
-        copies_to_peer = int(dispatch.counts.view(2, -1)[peer].sum())
+        # the same bytes: each rank's rows for the other rank's experts, there and back
+        in_splits = dispatch.counts.view(2, -1).sum(1).tolist()
+        in_splits[self.rank] = 0
+        peer_splits = [torch.zeros(2, dtype=torch.long, device=self.device) for _ in range(2)]
+        dist.all_gather(peer_splits, torch.tensor(in_splits, device=self.device))
+        out_splits = [int(peer_splits[p][self.rank]) for p in range(2)]
+        send = torch.randn(sum(in_splits), self.dim, device=self.device, dtype=self.dtype)
+        recv = torch.empty(sum(out_splits), self.dim, device=self.device, dtype=self.dtype)
+        back = torch.empty_like(send)
 
-        def raw_exchange(rows_to_peer: int):
-            in_splits = [0, 0]
-            in_splits[peer] = rows_to_peer
-            peer_splits = [torch.zeros(2, dtype=torch.long, device=self.device) for _ in range(2)]
-            dist.all_gather(peer_splits, torch.tensor(in_splits, device=self.device))
-            out_splits = [int(peer_splits[p][rank]) for p in range(2)]
-            send = torch.randn(sum(in_splits), self.dim, device=self.device, dtype=self.dtype)
-            recv = torch.empty(sum(out_splits), self.dim, device=self.device, dtype=self.dtype)
-            back = torch.empty_like(send)
-
-            def go():
-                for _ in range(2):  # forward, then backward: out and back each time
-                    dist.all_to_all_single(recv, send, out_splits, in_splits)
-                    dist.all_to_all_single(back, recv, in_splits, out_splits)
-            return go
-
-        raw_comm, raw_copies_comm = raw_exchange(tokens_to_peer), raw_exchange(copies_to_peer)
+        def raw_comm():
+            for _ in range(2):  # forward, then backward: out and back each time
+                dist.all_to_all_single(recv, send, out_splits, in_splits)
+                dist.all_to_all_single(back, recv, in_splits, out_splits)
 
         if profile_dir and self.device.type == "cuda":
             self._profile({"one": step(self.full), "two": step(self.ep), "serial": step(self.serial),
@@ -274,9 +254,8 @@ class Rank:
                           sm_carveout, profile_dir)
         return {"rank": self.rank, "rel_err": err, "one_s": one, "two_s": two, "serial_s": serial,
                 "moray_comm_s": self._timed(moray_comm, iters), "local_permute_s": self._timed(local_permute, iters),
-                "raw_comm_s": self._timed(raw_comm, iters), "raw_copies_comm_s": self._timed(raw_copies_comm, iters),
-                "bytes_per_direction": tokens_to_peer * self.dim * x.element_size(),
-                "copy_bytes_per_direction": copies_to_peer * self.dim * x.element_size()}
+                "raw_comm_s": self._timed(raw_comm, iters),
+                "bytes_per_direction": sum(in_splits) * self.dim * x.element_size()}
 
 
 def main() -> None:
@@ -307,12 +286,9 @@ def main() -> None:
                "moray_comm_ms": max(r0["moray_comm_s"], r1["moray_comm_s"]) * 1e3,
                "local_permute_ms": max(r0["local_permute_s"], r1["local_permute_s"]) * 1e3,
                "raw_comm_ms": max(r0["raw_comm_s"], r1["raw_comm_s"]) * 1e3,
-               "raw_copies_comm_ms": max(r0["raw_copies_comm_s"], r1["raw_copies_comm_s"]) * 1e3,
-               "rel_err": max(r0["rel_err"], r1["rel_err"]), "mb_per_direction": r0["bytes_per_direction"] / 1e6,
-               "copy_mb_per_direction": r0["copy_bytes_per_direction"] / 1e6}
+               "rel_err": max(r0["rel_err"], r1["rel_err"]), "mb_per_direction": r0["bytes_per_direction"] / 1e6}
         row["moray_exchange_ms"] = row["moray_comm_ms"] - row["local_permute_ms"]
         row["comm_raw_over_moray"] = row["raw_comm_ms"] / row["moray_exchange_ms"]
-        row["copies_raw_over_moray"] = row["raw_copies_comm_ms"] / row["moray_exchange_ms"]
         row["overlap_gain"] = row["no_overlap_ms"] / row["two_devices_ms"]
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -324,12 +300,12 @@ def main() -> None:
                 lambda self: torch.cuda.get_device_name(0)))}
     print(json.dumps(meta))
     print(f"{'tokens/dev':>10} {'1 dev ms':>9} {'2 dev ms':>9} {'x thru':>6} {'no ovl ms':>9} {'ovl gain':>8} "
-          f"{'moray comm':>10} {'permute':>8} {'raw comm':>9} {'raw/moray':>9} {'raw copies':>10} {'err':>8}")
+          f"{'moray comm':>10} {'permute':>8} {'raw comm':>9} {'raw/moray':>9} {'err':>8}")
     for r in rows:
         print(f"{r['tokens_per_device']:>10} {r['one_device_ms']:>9.2f} {r['two_devices_ms']:>9.2f} "
               f"{r['throughput_ratio']:>6.2f} {r['no_overlap_ms']:>9.2f} {r['overlap_gain']:>8.2f} "
               f"{r['moray_comm_ms']:>10.2f} {r['local_permute_ms']:>8.2f} {r['raw_comm_ms']:>9.2f} "
-              f"{r['comm_raw_over_moray']:>9.2f} {r['raw_copies_comm_ms']:>10.2f} "
+              f"{r['comm_raw_over_moray']:>9.2f} "
               f"{r['rel_err']:>8.1e}")
     if args.json:
         with open(args.json, "w") as f:

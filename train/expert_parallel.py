@@ -40,7 +40,6 @@ expert-data-parallel group only and writes them as expert checkpoint files.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +47,7 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import nn
 
-from model.dispatch import Dispatch, Routing, combine_rows, dispatch_rows, permute
+from model.dispatch import Dispatch, combine_rows, dispatch_rows
 from model.expert_ffn import expert_swiglu
 from model.moe import MoE, RoutedExperts
 from model.transformer import Transformer
@@ -188,12 +187,10 @@ class ExpertParallelExperts(DeepSpeedMoE):
         if self.ep_size == 1:
             x_ND, dispatch = sent
             return expert_swiglu(x_ND, *self.local_stacks(), dispatch.counts, dispatch)
-        exchange, weights = sent.exchange, self.local_stacks()
-        rows, their = ep_dispatch_finish(sent)
-        returning = ep_combine_start(expert_swiglu(rows, *weights, their.counts, their), exchange,
-                                     self.deepspeed_moe.ep_group)
-        own = ep_own_dispatch(exchange)
-        y_own = expert_swiglu(sent.tokens, *weights, own.counts, own)
+        exchange, (w_gate, w_up, w_down) = sent.exchange, self.local_stacks()
+        y_theirs = expert_swiglu(ep_dispatch_finish(sent), w_gate, w_up, w_down, exchange.their_counts)
+        returning = ep_combine_start(y_theirs, exchange, self.deepspeed_moe.ep_group)
+        y_own = expert_swiglu(sent.own_rows, w_gate, w_up, w_down, exchange.own_counts)
         return ep_combine_finish(returning, y_own, exchange)
 
 
@@ -230,98 +227,64 @@ def _stacked(weights: list[torch.Tensor]) -> torch.Tensor:
 @dataclass(frozen=True)
 class EPExchange:
     """What `ep_dispatch_start` did, for the combine to undo: no state kept between the two.
-    A token travels once to each other rank holding any of its experts (the splits to and from
-    this rank itself are 0)."""
+    Only rows for other ranks travel (the splits to and from this rank itself are 0)."""
 
-    in_splits: list[int]  # token rows this rank sent to each rank
-    out_splits: list[int]  # token rows this rank received from each rank
-    their_copies: int  # copies of the received rows for this rank's experts (rows the experts compute)
-    own_rows: slice  # this rank's copies for its own experts, within the layer's sorted rows
-    own_experts: slice  # this rank's experts, within the layer's
-    dispatch: Dispatch  # the layer's: this rank's tokens' copies, sorted by global expert
-    sent: Dispatch  # this rank's tokens -> the rows sent: one per (rank, token), counts per rank
+    in_splits: list[int]  # rows this rank sent to each rank
+    out_splits: list[int]  # rows this rank received from each rank
+    own: slice  # this rank's rows for its own experts, within its rows sorted by global expert
+    reorder: tuple[torch.Tensor, torch.Tensor] | None  # received (source, expert) -> (expert, source)
+    # order and back; None when one other rank sends (ep_size 2): its rows arrive expert-major
+    their_counts: torch.Tensor  # received rows per local expert
+    own_counts: torch.Tensor  # this rank's own rows per local expert
+    dispatch: Dispatch  # this rank's tokens' permutation, which the combine undoes
 
 
 @dataclass(frozen=True)
 class EPDispatch:
-    """Token rows and their routes on their way to their experts' ranks (`ep_dispatch_start`)."""
+    """Rows on their way to their experts' ranks (`ep_dispatch_start`), and those that stay."""
 
-    tokens: torch.Tensor  # this rank's tokens, which its own experts read in place
     rows: RowsInFlight
-    routes: RowsInFlight  # per row sent: its k combine weights, then its k local expert ids (or n_local)
+    own_rows: torch.Tensor
     exchange: EPExchange
 
 
 def ep_dispatch_start(x_ND: torch.Tensor, dispatch: Dispatch, ep_size: int, group) -> EPDispatch:
-    """Exchange the counts, read them on the host (the split sizes), and start sending each token
-    once to every other rank holding some of its experts (rank p owns a contiguous block of
-    expert ids), with its routes there: the combine weights and local ids of those experts. With
-    top-6 of 64 experts over two ranks a token has about three copies on the other rank, so this
-    moves about a third of the bytes of sending every copy; the receiver permutes the rows for
-    its experts itself and sends back one row per token, already combined. Returns at once: the
-    caller computes (the shared experts) while the rows travel.
+    """Exchange the per-expert counts, read them on the host (the split sizes), and start sending
+    the tokens' rows sorted by global expert to the ranks owning them (rank p owns a contiguous
+    block of ids); this rank's rows for its own experts stay, gathered apart. Returns at once:
+    the caller computes (the shared experts) while the rows travel.
 
-    Everything that does not need the split sizes is queued before the host reads them: after
-    the read the device idles until the host has launched the rows' gather and exchange, so only
-    those few ops come after it. On a GPU they run on a side stream, so the exchange runs beside
-    the shared experts the caller queues next. (Deferring the read until after the shared experts
-    were queued measured slower: the gathers then waited for the shared experts' full-width
-    GEMMs and the exchange ran after them; benchmarks/RESULTS.md.)"""
+    On a GPU the rows are gathered and sent from a side stream, launched before the caller queues
+    anything else: the gathers get the SMs first and the exchange then runs beside the shared
+    experts. Reading the split sizes stalls the device for the host's launch of these few ops;
+    deferring the read until after the shared experts were queued (so nothing stalls) measured
+    slower, as the gathers then waited for the shared experts' full-width GEMMs and the exchange
+    ran after them (benchmarks/RESULTS.md)."""
     counts_E, rank = dispatch.counts, dist.get_rank(group)
-    P, El, (N, K) = ep_size, counts_E.numel() // ep_size, dispatch.slots.shape
-    experts_NK = torch.bucketize(dispatch.slots, torch.cumsum(counts_E, 0), right=True)  # a dropped copy: E
-    ranks = torch.arange(P, device=experts_NK.device)
-    here_PNK = torch.div(experts_NK, El, rounding_mode="floor")[None] == ranks[:, None, None]
-    to_rank_PN = here_PNK.any(-1)
-    to_rank_PN[rank] = False
-    table = torch.cat([counts_E.view(P, El), to_rank_PN.sum(1, keepdim=True)], 1)  # [P, El + 1]: copies, tokens
-    received = torch.empty_like(table)
-    dist.all_to_all_single(received, table, group=group)
-    # the rows to send, rank-major, tokens in order within a rank: each (rank, token)'s place in
-    # the send order (P N where nothing goes), and the order's (rank, token) pairs
-    flat = to_rank_PN.reshape(-1)
-    slots_PN = torch.where(flat, torch.cumsum(flat, 0) - 1, P * N).view(P, N)
-    order = torch.empty(P * N + 1, dtype=torch.long, device=flat.device)
-    order.scatter_(0, slots_PN.reshape(-1), torch.arange(P * N, device=flat.device))
-    local_ids = torch.where(here_PNK, experts_NK[None] - ranks[:, None, None] * El, El)
-    weights = torch.where(here_PNK, dispatch.slot_weights[None], 0.0)
-    routes = torch.cat([weights.float(), local_ids.float()], -1).view(P * N, 2 * K)
-    ones_NP, ones = (torch.ones(n, dtype=dispatch.slot_weights.dtype, device=flat.device) for n in ((N, P), P * N))
-
-    sent_table, received_table = torch.stack([table, received]).tolist()  # the one host sync
-    in_splits, out_splits = [t[El] for t in sent_table], [t[El] for t in received_table]
-    own_start = sum(map(sum, (t[:El] for t in sent_table[:rank])))
-    own_rows = slice(own_start, own_start + sum(sent_table[rank][:El]))
-    their_copies = sum(sum(t[:El]) for p, t in enumerate(received_table) if p != rank)
-    S = sum(in_splits)
-    stream = _side_stream(x_ND.device) if x_ND.is_cuda else None
-    if stream is not None:
-        stream.wait_stream(torch.cuda.current_stream(x_ND.device))
-    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-        order = order[:S]
-        sent = Dispatch(token_index=order % N, weights=ones[:S], counts=to_rank_PN.sum(1),
-                        routed_counts=to_rank_PN.sum(1), dropped=N * P - S,
-                        slots=slots_PN.clamp(max=S).t().contiguous(), slot_weights=ones_NP)
-        routes = send_rows(routes[order], out_splits, in_splits, group)  # first: the receiver permutes by them
-        rows = send_rows(dispatch_rows(x_ND, sent), out_splits, in_splits, group)
-    exchange = EPExchange(in_splits, out_splits, their_copies, own_rows, slice(rank * El, (rank + 1) * El),
-                          dispatch, sent)
-    return EPDispatch(x_ND, rows, routes, exchange)
-
-
-def ep_own_dispatch(exchange: EPExchange) -> Dispatch:
-    """The layer's dispatch cut to this rank's experts: their sorted rows are a contiguous range,
-    and every other copy is a dropped one (slot M). Made after the rows were sent, off the path
-    from the host's read of the split sizes to the exchange."""
-    dispatch, rows, experts = exchange.dispatch, exchange.own_rows, exchange.own_experts
-    M = rows.stop - rows.start
-    slots = dispatch.slots - rows.start
-    slots = torch.where((slots >= 0) & (slots < M), slots, M)
-    # copies, not views: a slice starting mid-tensor is not 16-byte aligned, and the Triton kernels
-    # that read them would be compiled anew for every alignment the split happens to give
-    return Dispatch(token_index=dispatch.token_index[rows].clone(), weights=dispatch.weights[rows].clone(),
-                    counts=dispatch.counts[experts], routed_counts=dispatch.routed_counts[experts],
-                    dropped=dispatch.slots.numel() - M, slots=slots, slot_weights=dispatch.slot_weights)
+    P, El = ep_size, counts_E.numel() // ep_size
+    recv_counts = torch.empty_like(counts_E)
+    dist.all_to_all_single(recv_counts, counts_E.contiguous(), group=group)
+    recv_PE = recv_counts.view(P, El)
+    sent_PE, counts_PE = torch.stack([counts_E.view(P, El), recv_PE]).tolist()  # the one host sync
+    own = slice(sum(map(sum, sent_PE[:rank])), sum(map(sum, sent_PE[:rank + 1])))
+    in_splits = [0 if p == rank else sum(sent_PE[p]) for p in range(P)]
+    out_splits = [0 if p == rank else sum(counts_PE[p]) for p in range(P)]
+    reorder = None
+    if P > 2:
+        their_PE = recv_PE.clone()
+        their_PE[rank] = 0
+        index = _source_major_to_expert_major(their_PE, sum(out_splits))
+        reorder = index, torch.empty_like(index).scatter_(0, index, torch.arange(index.numel(), device=index.device))
+    exchange = EPExchange(in_splits, out_splits, own, reorder, recv_PE.sum(0) - recv_PE[rank], recv_PE[rank], dispatch)
+    if not x_ND.is_cuda:
+        theirs, own_rows = dispatch_rows(x_ND, dispatch, own)
+        return EPDispatch(send_rows(theirs, out_splits, in_splits, group), own_rows, exchange)
+    side = _side_stream(x_ND.device)
+    side.wait_stream(torch.cuda.current_stream(x_ND.device))
+    with torch.cuda.stream(side):
+        theirs, own_rows = dispatch_rows(x_ND, dispatch, own)
+        rows = send_rows(theirs, out_splits, in_splits, group)
+    return EPDispatch(rows, own_rows, exchange)
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
@@ -335,32 +298,52 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def ep_dispatch_finish(sent: EPDispatch) -> tuple[torch.Tensor, Dispatch]:
-    """The token rows the other ranks sent [R, D], and how their copies go to this rank's experts
-    (a `Dispatch` over the local experts, whose combine gives one row per received token)."""
-    routes = receive_rows(sent.routes)
-    K = routes.shape[1] // 2
-    weights, local_ids = routes[:, :K], routes[:, K:].detach().long()
-    experts = sent.exchange.own_experts
-    El = experts.stop - experts.start
-    # the copies for other ranks' experts sort last, as a pseudo-expert El, and are cut off as dropped
-    full = permute(Routing(weights, local_ids, None), El + 1)
-    M = sent.exchange.their_copies
-    their = Dispatch(token_index=full.token_index[:M], weights=full.weights[:M], counts=full.counts[:El],
-                     routed_counts=full.routed_counts[:El], dropped=local_ids.numel() - M,
-                     slots=full.slots.clamp(max=M), slot_weights=weights)
-    return receive_rows(sent.rows), their
+class _ReorderRows(torch.autograd.Function):
+    """rows[order] for a permutation `order`, whose backward is the gather by its inverse.
+    Autograd's own backward of indexing is an accumulating scatter into zeros, built for
+    repeated indices, which a permutation has none of."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return rows[order]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
 
 
-def ep_combine_start(y_RD: torch.Tensor, exchange: EPExchange, group) -> RowsInFlight:
-    """Start sending the received tokens' combined outputs back where they came from."""
-    return send_rows(y_RD, exchange.in_splits, exchange.out_splits, group)
+def ep_dispatch_finish(sent: EPDispatch) -> torch.Tensor:
+    """The rows the other ranks sent this rank's experts, sorted by local expert."""
+    rows, reorder = receive_rows(sent.rows), sent.exchange.reorder
+    # received rows are ordered (source, local expert); the grouped product wants (expert, source)
+    return rows if reorder is None else _ReorderRows.apply(rows, *reorder)
 
 
-def ep_combine_finish(returning: RowsInFlight, y_own_ND: torch.Tensor, exchange: EPExchange) -> torch.Tensor:
-    """This rank's tokens' outputs [N, D]: its own experts' combined outputs plus the rows that
-    came back (each already a weighted sum over that rank's experts)."""
-    return y_own_ND + combine_rows(receive_rows(returning), exchange.sent)
+def ep_combine_start(y_theirs: torch.Tensor, exchange: EPExchange, group) -> RowsInFlight:
+    """Start sending the experts' outputs for other ranks' rows back where they came from."""
+    if exchange.reorder is not None:
+        index, inverse = exchange.reorder
+        y_theirs = _ReorderRows.apply(y_theirs, inverse, index)
+    return send_rows(y_theirs, exchange.in_splits, exchange.out_splits, group)
+
+
+def ep_combine_finish(returning: RowsInFlight, y_own: torch.Tensor, exchange: EPExchange) -> torch.Tensor:
+    """This rank's tokens' weighted sums [N, D] of the outputs that came back and of its own
+    rows' outputs, each read where it lies (no [M, D] join)."""
+    return combine_rows(receive_rows(returning), exchange.dispatch, (y_own, exchange.own.start))
+
+
+def _source_major_to_expert_major(counts_PE: torch.Tensor, total: int) -> torch.Tensor:
+    """Index that reorders rows grouped (source p, expert j) into (expert j, source p). total (the
+    row count, known on the host) keeps it free of device syncs while the rows are in flight."""
+    P, El = counts_PE.shape
+    starts_PE = (torch.cumsum(counts_PE.reshape(-1), 0) - counts_PE.reshape(-1)).view(P, El)
+    counts_EP, starts_EP = counts_PE.t().reshape(-1), starts_PE.t().reshape(-1)
+    dest_starts = torch.cumsum(counts_EP, 0) - counts_EP
+    shift = torch.repeat_interleave(starts_EP - dest_starts, counts_EP, output_size=total)
+    return torch.arange(total, device=counts_PE.device) + shift
 
 
 def parallelize_experts(model: nn.Module, ep_size: int, ep_rank: int, group=None) -> None:

@@ -117,7 +117,7 @@ def test_fused_expert_step_equals_plain_autograd(impl, with_combine, chunks, cap
 def test_dispatch_and_combine_rows_equal_plain_autograd(capacity, inset, seed):
     """The permutation and combine of experts elsewhere (expert parallelism), whose backwards
     are written out, give plain indexing's and `unpermute`'s output and gradients: tokens, expert
-    outputs and, through the combine weights, the gate; with copies dropped by a capacity, and
+    outputs and the combine weights; with copies dropped by a capacity, and
     with some sorted rows held apart (a rank's own rows) at the front, inside or at the end."""
     moe = make_moe(seed, top_k=3)
     x = torch.randn(29, 32, requires_grad=True)
@@ -135,9 +135,11 @@ def test_dispatch_and_combine_rows_equal_plain_autograd(capacity, inset, seed):
     outs = [moved, unpermute(x[dispatch.token_index] @ w, dispatch)]
     assert (outs[0] - outs[1]).abs().max() <= 1e-5
     g = torch.randn_like(outs[1])
-    params = [x, moe.gate.weight]
+    # the combine weights' gradient, not the gate's: through the softmax that one is a difference of
+    # near-equal terms, as small as their fp32 rounding, so no tolerance could tell right from wrong
+    params = [x, dispatch.slot_weights]
     written, plain = (torch.autograd.grad((out * g).sum(), params, retain_graph=True) for out in outs)
-    for name, a, b in zip(["x", "gate"], written, plain):
+    for name, a, b in zip(["x", "combine weights"], written, plain):
         assert (a - b).abs().max() <= 1e-5 * max(1.0, float(b.abs().max())), name
 
 
