@@ -35,6 +35,9 @@ class RemoteExperts(nn.Module):
         self.register_buffer("copy_index", torch.tensor(copy_index, dtype=torch.long), persistent=False)
         self.contiguous = bool(torch.equal(self.send_order, torch.arange(n_experts)))
         self.experts_per_shard = [len(s) for s in shard_experts]
+        # set by the router per step: a fixed row count per shard for small (decode) steps, so that
+        # the exchange reads no counts on the host (actors/transport.py); None sends exact counts
+        self.rows_per_shard: int | None = None
 
     def _copy_counts(self, counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows per expert copy in send order, and where each copy's rows start in the input."""
@@ -49,13 +52,13 @@ class RemoteExperts(nn.Module):
         """The tokens' rows, sorted by global expert id, go to the shards; returns at once."""
         x_MD, counts_E = dispatch_rows(x_ND, dispatch), dispatch.counts
         if self.contiguous:
-            return router_dispatch(x_MD, counts_E, self.experts_per_shard), None, dispatch
+            return router_dispatch(x_MD, counts_E, self.experts_per_shard, self.rows_per_shard), None, dispatch
         send_counts, src_starts = self._copy_counts(counts_E)
         # move each copy's block of rows to its place in send order (a gather, no one-hot)
         send_starts = torch.cumsum(send_counts, 0) - send_counts
         shift = torch.repeat_interleave(src_starts - send_starts, send_counts, output_size=x_MD.shape[0])
         index = torch.arange(x_MD.shape[0], device=x_MD.device) + shift
-        return router_dispatch(x_MD[index], send_counts, self.experts_per_shard), index, dispatch
+        return router_dispatch(x_MD[index], send_counts, self.experts_per_shard, self.rows_per_shard), index, dispatch
 
     def finish(self, sent: tuple[AtTheShards, torch.Tensor | None, Dispatch]) -> torch.Tensor:
         """Each token's weighted sum of the outputs the shards sent back."""

@@ -36,6 +36,11 @@ from model.config import ModelConfig
 from model.generate import ContinuousBatcher, SamplingParams, Sequence
 from model.transformer import Transformer
 
+# Steps whose token copies number at most this exchange a fixed row count per shard (the copies
+# of all tokens: no shard can get more), so no MoE layer reads its counts on the host: decode
+# steps of up to 128 sequences at top-8. Larger steps (prefill) send exact counts.
+FIXED_EXCHANGE_MAX_ROWS = 1024
+
 log = logging.getLogger(__name__)
 
 
@@ -206,7 +211,11 @@ class Router:
 
     def _try_step(self, tokens: torch.Tensor, layout: StepLayout, caches: list[KVCache] | None,
                   logits_at: torch.Tensor | None) -> torch.Tensor:
-        refs = [shard.run_step.remote() for shard in self.shards]
+        copies = tokens.numel() * self.cfg.moe.top_k
+        rows_per_shard = copies if copies <= FIXED_EXCHANGE_MAX_ROWS else None
+        for moe in self.model.moe_layers():
+            moe.experts.rows_per_shard = rows_per_shard
+        refs = [shard.run_step.remote(rows_per_shard) for shard in self.shards]
         try:
             logits = self.model(tokens, layout, caches, logits_at)
             ray.get(refs, timeout=self.timeout_s)

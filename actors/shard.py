@@ -69,7 +69,7 @@ class ExpertShard:
             raise RuntimeError("commit without a prepared placement")
         self.expert_ids, self.experts = self._pending
         self._pending = None
-        self.load = [torch.zeros(len(ids), dtype=torch.long) for ids in self.expert_ids]
+        self.load = [torch.zeros(len(ids), dtype=torch.long, device=self.device) for ids in self.expert_ids]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -84,11 +84,13 @@ class ExpertShard:
         return ray.get_runtime_context().get_node_id()
 
     @torch.no_grad()
-    def run_step(self) -> None:
-        """Serve every MoE layer of one forward step, in layer order."""
+    def run_step(self, rows_per_shard: int | None = None) -> None:
+        """Serve every MoE layer of one forward step, in layer order (with the router's fixed row
+        count for small steps: see `router_dispatch`). The load is added up on the device, so
+        nothing here waits for the device."""
         for i, stack in enumerate(self.experts):
-            counts = shard_serve_layer(stack.n_experts, self.cfg.dim, self.dtype, self.device, stack)
-            self.load[i] += counts.cpu()
+            self.load[i] += shard_serve_layer(stack.n_experts, self.cfg.dim, self.dtype, self.device, stack,
+                                              rows_per_shard)
         self.steps += 1
 
     @ray.method(concurrency_group="info")

@@ -10,7 +10,8 @@ Per MoE layer the router sends each shard its per-expert row counts, then the ro
 the results back in the same order: three `all_to_all_single` calls with uneven splits in
 which only the router<->shard pairs carry data. The last two run asynchronously on the router
 (`router_dispatch` starts them, `router_collect` waits), so its shared experts compute while
-the shards work.
+the shards work. Decode steps use a fixed number of rows per shard instead (padding), so that
+neither side reads the counts on the host.
 """
 
 from __future__ import annotations
@@ -87,43 +88,75 @@ class AtTheShards:
 
     works: tuple  # the rows going out, the results coming back (async collectives, in issue order)
     out: torch.Tensor  # where the results land
+    places: torch.Tensor | None = None  # fixed-size exchange: each row's place in `out`
 
 
-def router_dispatch(rows_MD: torch.Tensor, send_counts: torch.Tensor, experts_per_shard: list[int]) -> AtTheShards:
+def router_dispatch(rows_MD: torch.Tensor, send_counts: torch.Tensor, experts_per_shard: list[int],
+                    rows_per_shard: int | None = None) -> AtTheShards:
     """Router side of one MoE layer. rows_MD is grouped by shard, then by local expert;
     send_counts [sum(experts_per_shard)] gives rows per expert in that order. Shard s gets its
     experts' counts (this exchange completes here) and rows; the rows' send and the results'
-    receive are left running."""
+    receive are left running.
+
+    With `rows_per_shard` (at least the most rows any shard can get) every shard gets exactly
+    that many rows, its own first and then padding, so every split size is known without
+    reading the counts: no device-to-host read per layer on either side, which lets the host
+    run ahead of the device (and is what a captured CUDA graph needs). For decode steps, whose
+    few rows make the padding cheap; `shard_serve_layer` must be given the same number."""
     world = len(experts_per_shard) + 1
     counts = send_counts.to(torch.long)
-    host = counts.tolist()  # the one device sync: split sizes must be known on the host
-    bounds = [0]
-    for n in experts_per_shard:
-        bounds.append(bounds[-1] + n)
-    rows_per_shard = [0] + [sum(host[bounds[s]:bounds[s + 1]]) for s in range(len(experts_per_shard))]
     _exchange(counts.new_empty(0), counts, [0] * world, [0] + list(experts_per_shard))
+    if rows_per_shard is None:
+        host = counts.tolist()  # the one device sync: split sizes must be known on the host
+        bounds = [0]
+        for n in experts_per_shard:
+            bounds.append(bounds[-1] + n)
+        splits = [0] + [sum(host[bounds[s]:bounds[s + 1]]) for s in range(len(experts_per_shard))]
+        rows, places = rows_MD.contiguous(), None
+    else:
+        splits = [0] + [rows_per_shard] * len(experts_per_shard)
+        places = _padded_places(counts, experts_per_shard, rows_per_shard, rows_MD.shape[0])
+        rows = rows_MD.new_zeros(rows_per_shard * len(experts_per_shard), rows_MD.shape[1])
+        rows[places] = rows_MD
     empty = rows_MD.new_empty(0, rows_MD.shape[1])
-    out = torch.empty_like(rows_MD)
-    sending = dist.all_to_all_single(empty, rows_MD.contiguous(), [0] * world, rows_per_shard, async_op=True)
-    receiving = dist.all_to_all_single(out, empty, rows_per_shard, [0] * world, async_op=True)
-    return AtTheShards((sending, receiving), out)
+    out = rows.new_empty(sum(splits), rows_MD.shape[1])
+    sending = dist.all_to_all_single(empty, rows, [0] * world, splits, async_op=True)
+    receiving = dist.all_to_all_single(out, empty, splits, [0] * world, async_op=True)
+    return AtTheShards((sending, receiving), out, places)
+
+
+def _padded_places(counts: torch.Tensor, experts_per_shard: list[int], rows_per_shard: int, n_rows: int
+                   ) -> torch.Tensor:
+    """Where each row (grouped by shard) goes in the padded buffer: shard s's rows start at
+    s * rows_per_shard. All on the device: n_rows, the total, is known on the host."""
+    shard_of_copy = torch.repeat_interleave(torch.arange(len(experts_per_shard), device=counts.device),
+                                            torch.tensor(experts_per_shard, device=counts.device))
+    per_shard = torch.zeros(len(experts_per_shard), dtype=torch.long, device=counts.device)
+    per_shard.index_add_(0, shard_of_copy, counts)
+    shard_of_row = torch.repeat_interleave(shard_of_copy, counts, output_size=n_rows)
+    first_row = torch.cumsum(per_shard, 0) - per_shard
+    return torch.arange(n_rows, device=counts.device) + shard_of_row * rows_per_shard - first_row[shard_of_row]
 
 
 def router_collect(sent: AtTheShards) -> torch.Tensor:
     """The shards' outputs for the rows `router_dispatch` sent, in the same order."""
     for work in sent.works:
         work.wait()
-    return sent.out
+    return sent.out if sent.places is None else sent.out[sent.places]
 
 
-def shard_serve_layer(n_local: int, dim: int, dtype: torch.dtype, device: torch.device, compute) -> torch.Tensor:
+def shard_serve_layer(n_local: int, dim: int, dtype: torch.dtype, device: torch.device, compute,
+                      rows_per_shard: int | None = None) -> torch.Tensor:
     """Shard side of one MoE layer: receive counts and rows, return compute(rows, counts).
-    Returns the counts received (per local expert) for load statistics."""
+    Returns the counts received (per local expert) for load statistics. With `rows_per_shard`
+    (the router's fixed-size exchange) that many rows arrive, this shard's first; compute gets
+    them all, and what it makes of the padding goes back unread."""
     world = dist.get_world_size()
     zeros = [0] * world
     counts = _exchange(torch.empty(n_local, dtype=torch.long, device=device), torch.empty(0, dtype=torch.long,
                        device=device), [n_local] + zeros[1:], zeros)
-    n_rows = sum(counts.tolist())  # one device->host copy, no extra reduction kernel
+    # without a fixed size: one device->host copy, no extra reduction kernel
+    n_rows = rows_per_shard if rows_per_shard is not None else sum(counts.tolist())
     rows = _exchange(torch.empty(n_rows, dim, dtype=dtype, device=device), torch.empty(0, dim, dtype=dtype,
                      device=device), [n_rows] + zeros[1:], zeros)
     out = compute(rows, counts)

@@ -133,6 +133,7 @@ def main() -> None:
         rows.append({"phase": name, "duration_s": None, "requests": len(lat), "p50_s": statistics.median(lat),
                      "p99_s": percentile(lat, 0.99), "tokens_per_s": clients.tokens_per_s(t0, t1),
                      "imbalance": imbalance})
+        print(json.dumps(rows[-1]), flush=True)  # as it comes: a run cut short still reports its phases
         return t0, t1
 
     def event(name: str, action, baseline: str) -> None:
@@ -146,6 +147,7 @@ def main() -> None:
                      "p50_s": statistics.median(lat) if lat else float("nan"), "p99_s": percentile(lat, 0.99),
                      "p99_vs_steady": percentile(lat, 0.99) / base["p99_s"], "tokens_per_s": None,
                      "imbalance": model.elastic_status()["imbalance"]})
+        print(json.dumps(rows[-1]), flush=True)
 
     def checked(result: dict) -> float:
         if not result["ok"]:

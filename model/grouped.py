@@ -42,7 +42,8 @@ def group_offsets(counts_E: torch.Tensor | None) -> torch.Tensor | None:
 def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor | None,
                impl: str = "auto", offsets: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of x sorted by expert (counts_E rows each) times their expert's weight: [M, N].
-    counts_E None means a single expert owning every row: a plain matmul.
+    counts_E None means a single expert owning every row: a plain matmul. Rows past the last
+    group (padding) give rows of no defined value (the native kernel leaves them unwritten).
 
     impl: "auto" picks the native kernel where it runs, "native" forces it, "loop" forces the
     per-expert loop. offsets: `group_offsets(counts_E)`, where the caller has it already.
@@ -52,9 +53,11 @@ def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor |
         return x_MK @ w_EKN[0]
     if _use_native(x_MK, w_EKN, impl) and x_MK.shape[0] > 0:
         return torch._grouped_mm(x_MK, w_EKN, offs=group_offsets(counts_E) if offsets is None else offsets)
-    blocks = torch.split(x_MK, counts_E.tolist(), dim=0)
-    outs = [block @ w_EKN[e] for e, block in enumerate(blocks)]
-    return torch.cat(outs, dim=0) if outs else x_MK.new_zeros(0, w_EKN.shape[-1])
+    counts = counts_E.tolist()
+    rest = x_MK.shape[0] - sum(counts)  # rows past the last group (a padded exchange's): zeros here
+    blocks = torch.split(x_MK, counts + [rest], dim=0)
+    outs = [block @ w_EKN[e] for e, block in enumerate(blocks[:-1])] + [x_MK.new_zeros(rest, w_EKN.shape[-1])]
+    return torch.cat(outs, dim=0)
 
 
 def grouped_mm_weight_grad(x_MK: torch.Tensor, dy_MN: torch.Tensor, counts_E: torch.Tensor | None,

@@ -15,7 +15,7 @@ import torch
 from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
-from actors.router import ShardFailure
+from actors.router import FIXED_EXCHANGE_MAX_ROWS, ShardFailure
 from cluster.sharded import ShardedModel
 from model.checkpoint import save_checkpoint
 from model.generate import SamplingParams
@@ -68,6 +68,11 @@ def test_shards_equal_single_process(cluster, preset, shards, seed, tmp_path):
         assert all(s["param_bytes"] > 0 and s["rss_bytes"] > 0 for s in stats)
         if shards == 4:
             assert len({s["node_id"] for s in stats}) >= 2, "shards should spread over nodes"
+        if shards == 2:  # check_equal's steps are small: the fixed-size exchange; this prefill is not
+            batch = 4
+            length = FIXED_EXCHANGE_MAX_ROWS // (batch * cfg.moe.top_k) + 1
+            tokens, expected = untied_tokens(model, seed, batch, length)
+            assert (sharded.forward(tokens) - expected).abs().max() <= TOL, "prefill logits differ (exact counts)"
 
 
 def test_non_contiguous_per_layer_map_and_idle_experts(cluster, seed, tmp_path):

@@ -1,6 +1,7 @@
 """The router/shard exchange over real gloo processes: `router_dispatch` returns while the shards
 are still computing (the router's shared experts run in that time), and `router_collect` gives
-each row's result in order, over consecutive layers and with a shard that gets no rows."""
+each row's result in order, over consecutive layers, with a shard that gets no rows, and with
+the fixed-size exchange of decode steps (every shard gets the same padded row count)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,15 @@ DIM, LAYERS = 8, 3
 EXPERTS_PER_SHARD = [2, 3]  # shard 2 (the second) receives no rows in this test
 
 
+def _fixed_rows(layer: int) -> int | None:
+    """The middle layer exchanges a fixed 9 rows per shard (the shards' 7 and 3 rows, padded)."""
+    return 9 if layer == 1 else None
+
+
+def _counts(layer: int) -> list[int]:
+    return [3, 4, 1, 0, 2] if layer == 1 else [3, 4, 0, 0, 0]
+
+
 def _shard_output(rows: torch.Tensor, layer: int) -> torch.Tensor:
     return rows * 2 + layer
 
@@ -23,9 +33,9 @@ def _shard_output(rows: torch.Tensor, layer: int) -> torch.Tensor:
 def _router(router_free) -> None:
     torch.manual_seed(0)
     for layer in range(LAYERS):
-        counts = torch.tensor([3, 4, 0, 0, 0])
+        counts = torch.tensor(_counts(layer))
         rows = torch.randn(int(counts.sum()), DIM)
-        sent = router_dispatch(rows, counts, EXPERTS_PER_SHARD)
+        sent = router_dispatch(rows, counts, EXPERTS_PER_SHARD, _fixed_rows(layer))
         router_free.set()  # the shards compute only once the router got here: it must not wait for them
         out = router_collect(sent)
         assert torch.equal(out, _shard_output(rows, layer)), f"layer {layer}: wrong results"
@@ -36,9 +46,11 @@ def _shard(rank: int, router_free) -> None:
     for layer in range(LAYERS):
         def compute(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
             assert router_free.wait(timeout=60), "router_dispatch waited for the shards' results"
+            assert rows.shape[0] == (_fixed_rows(layer) or int(counts.sum())), rows.shape
             return _shard_output(rows, layer)
-        counts = shard_serve_layer(EXPERTS_PER_SHARD[rank - 1], DIM, torch.float32, torch.device("cpu"), compute)
-        assert counts.tolist() == ([3, 4] if rank == 1 else [0, 0, 0])
+        counts = shard_serve_layer(EXPERTS_PER_SHARD[rank - 1], DIM, torch.float32, torch.device("cpu"), compute,
+                                   _fixed_rows(layer))
+        assert counts.tolist() == (_counts(layer)[:2] if rank == 1 else _counts(layer)[2:])
 
 
 def _member(rank: int, port: int, router_free) -> None:
