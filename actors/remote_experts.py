@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from actors.transport import AtTheShards, router_collect, router_dispatch
+from actors.transport import AtTheShards, router_collect, router_dispatch, shard_of_each_copy
 from model.dispatch import Dispatch, combine_rows, dispatch_rows
 
 
@@ -35,6 +35,8 @@ class RemoteExperts(nn.Module):
         self.register_buffer("copy_index", torch.tensor(copy_index, dtype=torch.long), persistent=False)
         self.contiguous = bool(torch.equal(self.send_order, torch.arange(n_experts)))
         self.experts_per_shard = [len(s) for s in shard_experts]
+        self.register_buffer("shard_of_copy", shard_of_each_copy(self.experts_per_shard, torch.device("cpu")),
+                             persistent=False)
         # set by the router per step: a fixed row count per shard for small (decode) steps, so that
         # the exchange reads no counts on the host (actors/transport.py); None sends exact counts
         self.rows_per_shard: int | None = None
@@ -52,13 +54,15 @@ class RemoteExperts(nn.Module):
         """The tokens' rows, sorted by global expert id, go to the shards; returns at once."""
         x_MD, counts_E = dispatch_rows(x_ND, dispatch), dispatch.counts
         if self.contiguous:
-            return router_dispatch(x_MD, counts_E, self.experts_per_shard, self.rows_per_shard), None, dispatch
+            return router_dispatch(x_MD, counts_E, self.experts_per_shard, self.rows_per_shard,
+                                   self.shard_of_copy), None, dispatch
         send_counts, src_starts = self._copy_counts(counts_E)
         # move each copy's block of rows to its place in send order (a gather, no one-hot)
         send_starts = torch.cumsum(send_counts, 0) - send_counts
         shift = torch.repeat_interleave(src_starts - send_starts, send_counts, output_size=x_MD.shape[0])
         index = torch.arange(x_MD.shape[0], device=x_MD.device) + shift
-        return router_dispatch(x_MD[index], send_counts, self.experts_per_shard, self.rows_per_shard), index, dispatch
+        return router_dispatch(x_MD[index], send_counts, self.experts_per_shard, self.rows_per_shard,
+                               self.shard_of_copy), index, dispatch
 
     def finish(self, sent: tuple[AtTheShards, torch.Tensor | None, Dispatch]) -> torch.Tensor:
         """Each token's weighted sum of the outputs the shards sent back."""

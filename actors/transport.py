@@ -92,7 +92,7 @@ class AtTheShards:
 
 
 def router_dispatch(rows_MD: torch.Tensor, send_counts: torch.Tensor, experts_per_shard: list[int],
-                    rows_per_shard: int | None = None) -> AtTheShards:
+                    rows_per_shard: int | None = None, shard_of_copy: torch.Tensor | None = None) -> AtTheShards:
     """Router side of one MoE layer. rows_MD is grouped by shard, then by local expert;
     send_counts [sum(experts_per_shard)] gives rows per expert in that order. Shard s gets its
     experts' counts (this exchange completes here) and rows; the rows' send and the results'
@@ -102,7 +102,9 @@ def router_dispatch(rows_MD: torch.Tensor, send_counts: torch.Tensor, experts_pe
     that many rows, its own first and then padding, so every split size is known without
     reading the counts: no device-to-host read per layer on either side, which lets the host
     run ahead of the device (and is what a captured CUDA graph needs). For decode steps, whose
-    few rows make the padding cheap; `shard_serve_layer` must be given the same number."""
+    few rows make the padding cheap; `shard_serve_layer` must be given the same number.
+    `shard_of_copy` (the shard of each entry of send_counts, on the rows' device) may be given
+    where the caller keeps it, instead of being made from experts_per_shard each time."""
     world = len(experts_per_shard) + 1
     counts = send_counts.to(torch.long)
     _exchange(counts.new_empty(0), counts, [0] * world, [0] + list(experts_per_shard))
@@ -115,7 +117,9 @@ def router_dispatch(rows_MD: torch.Tensor, send_counts: torch.Tensor, experts_pe
         rows, places = rows_MD.contiguous(), None
     else:
         splits = [0] + [rows_per_shard] * len(experts_per_shard)
-        places = _padded_places(counts, experts_per_shard, rows_per_shard, rows_MD.shape[0])
+        if shard_of_copy is None:
+            shard_of_copy = shard_of_each_copy(experts_per_shard, counts.device)
+        places = _padded_places(counts, shard_of_copy, len(experts_per_shard), rows_per_shard, rows_MD.shape[0])
         rows = rows_MD.new_zeros(rows_per_shard * len(experts_per_shard), rows_MD.shape[1])
         rows[places] = rows_MD
     empty = rows_MD.new_empty(0, rows_MD.shape[1])
@@ -125,13 +129,16 @@ def router_dispatch(rows_MD: torch.Tensor, send_counts: torch.Tensor, experts_pe
     return AtTheShards((sending, receiving), out, places)
 
 
-def _padded_places(counts: torch.Tensor, experts_per_shard: list[int], rows_per_shard: int, n_rows: int
-                   ) -> torch.Tensor:
+def shard_of_each_copy(experts_per_shard: list[int], device: torch.device) -> torch.Tensor:
+    """The shard of each expert copy in send order (shard s holds the next experts_per_shard[s])."""
+    return torch.repeat_interleave(torch.arange(len(experts_per_shard)), torch.tensor(experts_per_shard)).to(device)
+
+
+def _padded_places(counts: torch.Tensor, shard_of_copy: torch.Tensor, n_shards: int, rows_per_shard: int,
+                   n_rows: int) -> torch.Tensor:
     """Where each row (grouped by shard) goes in the padded buffer: shard s's rows start at
     s * rows_per_shard. All on the device: n_rows, the total, is known on the host."""
-    shard_of_copy = torch.repeat_interleave(torch.arange(len(experts_per_shard), device=counts.device),
-                                            torch.tensor(experts_per_shard, device=counts.device))
-    per_shard = torch.zeros(len(experts_per_shard), dtype=torch.long, device=counts.device)
+    per_shard = torch.zeros(n_shards, dtype=torch.long, device=counts.device)
     per_shard.index_add_(0, shard_of_copy, counts)
     shard_of_row = torch.repeat_interleave(shard_of_copy, counts, output_size=n_rows)
     first_row = torch.cumsum(per_shard, 0) - per_shard
