@@ -72,7 +72,16 @@ def join_group(spec: GroupSpec, rank: int, store: dist.Store | None = None) -> N
 
 
 def leave_group() -> None:
-    if dist.is_initialized():
+    """Leave this process's group, aborting (not finishing) whatever it still has in flight.
+
+    A step whose peer died leaves NCCL kernels waiting on the GPU stream. Destroying the group
+    would drop the watchdog that ends them at the timeout, and every later kernel (the next
+    group's too) would queue behind them forever; aborting the communicator ends them now."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "nccl":
+        dist.distributed_c10d._abort_process_group()
+    else:
         dist.destroy_process_group()
 
 
