@@ -589,6 +589,8 @@ class Router:
             "expert_load": self.total_load.tolist(),
             "failure": self._failure,
             "device": str(self.device),
+            # decode steps replayed as CUDA graphs: how many (batch, cache-length) buckets are captured
+            "decode_graphs": len(self.graphs.graphs) if self.graphs else None,
         }
 
     def shard_stats(self) -> list[dict]:

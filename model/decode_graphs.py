@@ -61,8 +61,10 @@ class DecodeGraphs:
         return self.graphs.get(key) or self._capture(*key)
 
     def clear(self) -> None:
-        """Forget every graph: what they captured (a process group, the model's buffers) changed."""
+        """Forget every graph: what they captured (a process group, the model's buffers) changed.
+        Their memory pool goes with the last of them, so later captures need a new one."""
         self.graphs.clear()
+        self.pool = torch.cuda.graph_pool_handle()
 
     def __call__(self, tokens: torch.Tensor, layout: StepLayout, caches: list[KVCache],
                  logits_at: torch.Tensor) -> torch.Tensor:
