@@ -181,7 +181,7 @@ class Router:
 
     def _form_group(self) -> None:
         """Everyone leaves the old group, then joins a new one on a new store (router = rank 0)."""
-        leave_group()
+        self._leave_group()
         self.generation += 1
         host = ray.util.get_node_ip_address()
         rendezvous = Rendezvous(host, len(self.shards) + 1, backend_for(self.device), self.timeout_s, self.generation)
@@ -190,8 +190,13 @@ class Router:
         ray.get(joins, timeout=self.timeout_s)
         self._rendezvous = rendezvous  # the store must outlive the group
         self._failure = None
-        if self.graphs is not None:  # their collectives belong to the old group
+
+    def _leave_group(self) -> None:
+        """Leave the group, dropping the decode graphs first: they hold work of its NCCL
+        communicator, which must not be torn down under them."""
+        if self.graphs is not None:
             self.graphs.clear()
+        leave_group()
 
     def _install(self, placement: ExpertPlacement) -> None:
         """The router's side of a placement: each layer's dispatch map, swapped between steps."""
@@ -236,7 +241,7 @@ class Router:
                 self.model(tokens, layout, caches, logits_at)
             ray.get(refs, timeout=self.timeout_s)
         except Exception as exc:
-            leave_group()  # unblocks the surviving shards' collectives
+            self._leave_group()  # unblocks the surviving shards' collectives
             dead = self._dead_shards(refs or self._peer_refs)
             names = [f"shard {i} ({reason})" for i, reason in dead.items()] or ["a shard's collective"]
             raise ShardFailure(f"{', '.join(names)} failed: {str(exc).splitlines()[0][:200]}", list(dead)) from exc
@@ -384,7 +389,7 @@ class Router:
                     if new or removed:
                         self._form_group()
                 except Exception as exc:  # the next step fails over
-                    leave_group()
+                    self._leave_group()
                     message = f"{message}; group not re-formed: {str(exc).splitlines()[0][:200]}"
             for shard in removed:
                 ray.kill(shard, no_restart=True)

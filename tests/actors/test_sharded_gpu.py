@@ -60,13 +60,15 @@ def test_nccl_decode_graphs_generate_the_single_process_tokens(gpu_ray, seed, tm
     """Generation replays the router's decode steps as CUDA graphs, the shard serving them over
     the fixed-size exchange: the single-process greedy tokens, again after a re-placement and a
     failover (graphs captured anew for the new dispatch map and the new group), and the padding
-    rows of a graph's batch bucket count in no expert's load."""
+    rows of a graph's batch bucket count in no expert's load. The failover's first step is a
+    ragged prefill, whose host sync waits for the dead shard until the collective timeout (NCCL
+    does not fail a collective whose peer died), hence the short timeout."""
     cfg = tiny_config("tiny")
     model = build_model(cfg, seed)
     params = SamplingParams(max_new_tokens=12, temperature=0.0)
     prompts, expected = untied_prompts(model, seed, (5, 9, 3), params)  # 3 sequences: a bucket of 4
     ckpt = save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict())
-    with ShardedModel.create(str(ckpt), num_shards=1, use_gpu=True) as sharded:
+    with ShardedModel.create(str(ckpt), num_shards=1, use_gpu=True, timeout_s=20) as sharded:
         before = sharded.expert_load().clone()
         assert sharded.generate(prompts, params) == expected
         assert sharded.stats()["decode_graphs"] > 0, "no decode step ran as a graph"
