@@ -11,6 +11,7 @@ Runs as a Ray actor (`RouterActor`, for the Python API) or inside a Serve replic
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -33,6 +34,7 @@ from actors.transport import Rendezvous, backend_for, join_group, leave_group
 from actors.weights import WeightSource
 from model.attention import KVCache, StepLayout
 from model.config import ModelConfig
+from model.decode_graphs import DecodeGraphs
 from model.generate import ContinuousBatcher, SamplingParams, Sequence
 from model.transformer import Transformer
 
@@ -78,6 +80,8 @@ class Router:
         self.generation = 0
         self._failure: str | None = None  # why the model is down (a failover found no replacement)
         self._failed_at, self._failed_shards, self._failed_cause = 0.0, [], ""
+        self.graphs: DecodeGraphs | None = None  # made below, once the group exists
+        self._peer_refs: list = []  # the shards' calls serving a capture's warm-up step
         self._step_lock = threading.RLock()
         self._admin_lock = threading.Lock()  # one re-placement at a time
         self._state_lock = threading.Lock()  # shards, their nodes and the placement change together
@@ -88,7 +92,12 @@ class Router:
         self.events: deque[dict] = deque(maxlen=100)
         self.metrics = ElasticMetrics()
         self.batch_sizes: deque[int] = deque(maxlen=10_000)
-        caches = self.model.new_cache(max_batch_size, cfg.max_seq_len)
+        # on GPU, decode steps replayed as CUDA graphs (the shards serving them eagerly), in batch
+        # buckets up to the fixed exchange's size: a captured step cannot read counts on the host
+        buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b * cfg.moe.top_k <= FIXED_EXCHANGE_MAX_ROWS)
+        if use_gpu and buckets:
+            self.graphs = DecodeGraphs(self.model, max_batch_size, buckets, peers=self._shards_serve)
+        caches = self.graphs.slot_caches if self.graphs else self.model.new_cache(max_batch_size, cfg.max_seq_len)
         self.batcher = ContinuousBatcher(self._step, caches, cfg.max_seq_len, self.device)
         self._cond = threading.Condition()
         self._streams: dict[int, tuple[Sequence, queue.Queue, int]] = {}  # id -> (seq, tokens, tokens sent)
@@ -172,7 +181,7 @@ class Router:
 
     def _form_group(self) -> None:
         """Everyone leaves the old group, then joins a new one on a new store (router = rank 0)."""
-        leave_group()
+        self._leave_group()
         self.generation += 1
         host = ray.util.get_node_ip_address()
         rendezvous = Rendezvous(host, len(self.shards) + 1, backend_for(self.device), self.timeout_s, self.generation)
@@ -182,11 +191,20 @@ class Router:
         self._rendezvous = rendezvous  # the store must outlive the group
         self._failure = None
 
+    def _leave_group(self) -> None:
+        """Leave the group, dropping the decode graphs first: they hold work of its NCCL
+        communicator, which must not be torn down under them."""
+        if self.graphs is not None:
+            self.graphs.clear()
+        leave_group()
+
     def _install(self, placement: ExpertPlacement) -> None:
         """The router's side of a placement: each layer's dispatch map, swapped between steps."""
         for moe, shard_experts in zip(self.model.moe_layers(), placement.layers):
             moe.experts = RemoteExperts(shard_experts, self.cfg.moe.n_routed_experts).to(self.device)
         self.placement = placement
+        if self.graphs is not None:  # they captured the old dispatch maps
+            self.graphs.clear()
 
     # --- one step -----------------------------------------------------------------------------
 
@@ -211,20 +229,41 @@ class Router:
 
     def _try_step(self, tokens: torch.Tensor, layout: StepLayout, caches: list[KVCache] | None,
                   logits_at: torch.Tensor | None) -> torch.Tensor:
-        copies = tokens.numel() * self.cfg.moe.top_k
-        rows_per_shard = copies if copies <= FIXED_EXCHANGE_MAX_ROWS else None
-        for moe in self.model.moe_layers():
-            moe.experts.rows_per_shard = rows_per_shard
-        refs = [shard.run_step.remote(rows_per_shard) for shard in self.shards]
+        graphed = self.graphs is not None and caches is self.graphs.slot_caches
+        key = self.graphs.graph_key(tokens, layout) if graphed else None
+        refs: list = []
         try:
-            logits = self.model(tokens, layout, caches, logits_at)
+            if key is not None:  # before this step's shard calls: a capture's warm-ups bring their own
+                self.graphs.prepare(key)
+            rows_per_shard = self._fixed_rows(key[0] if key is not None else tokens.numel())
+            refs = [shard.run_step.remote(rows_per_shard) for shard in self.shards]
+            logits = self.graphs(tokens, layout, caches, logits_at) if graphed else \
+                self.model(tokens, layout, caches, logits_at)
             ray.get(refs, timeout=self.timeout_s)
         except Exception as exc:
-            leave_group()  # unblocks the surviving shards' collectives
-            dead = self._dead_shards(refs)
+            self._leave_group()  # unblocks the surviving shards' collectives
+            dead = self._dead_shards(refs or self._peer_refs)
             names = [f"shard {i} ({reason})" for i, reason in dead.items()] or ["a shard's collective"]
             raise ShardFailure(f"{', '.join(names)} failed: {str(exc).splitlines()[0][:200]}", list(dead)) from exc
         return logits
+
+    def _fixed_rows(self, n_tokens: int) -> int | None:
+        """Each shard's fixed row count for a step of n_tokens (see FIXED_EXCHANGE_MAX_ROWS), given
+        to every MoE layer's dispatch; None for exact counts."""
+        copies = n_tokens * self.cfg.moe.top_k
+        rows_per_shard = copies if copies <= FIXED_EXCHANGE_MAX_ROWS else None
+        for moe in self.model.moe_layers():
+            moe.experts.rows_per_shard = rows_per_shard
+        return rows_per_shard
+
+    @contextlib.contextmanager
+    def _shards_serve(self, bucket: int) -> Iterator[None]:
+        """The shards' side of one eager warm-up step of a graph capture for `bucket` rows."""
+        rows_per_shard = self._fixed_rows(bucket)
+        self._peer_refs = [shard.run_step.remote(rows_per_shard) for shard in self.shards]
+        yield
+        ray.get(self._peer_refs, timeout=self.timeout_s)
+        self._peer_refs = []
 
     def _step(self, tokens: torch.Tensor, layout: StepLayout, caches: list[KVCache] | None,
               logits_at: torch.Tensor | None) -> torch.Tensor:
@@ -350,7 +389,7 @@ class Router:
                     if new or removed:
                         self._form_group()
                 except Exception as exc:  # the next step fails over
-                    leave_group()
+                    self._leave_group()
                     message = f"{message}; group not re-formed: {str(exc).splitlines()[0][:200]}"
             for shard in removed:
                 ray.kill(shard, no_restart=True)
@@ -555,6 +594,8 @@ class Router:
             "expert_load": self.total_load.tolist(),
             "failure": self._failure,
             "device": str(self.device),
+            # decode steps replayed as CUDA graphs: how many (batch, cache-length) buckets are captured
+            "decode_graphs": len(self.graphs.graphs) if self.graphs else None,
         }
 
     def shard_stats(self) -> list[dict]:

@@ -116,8 +116,9 @@ def main() -> None:
         with ShardedModel.create(cfg, num_shards=shards, seed=0, dtype="bfloat16", use_gpu=True,
                                  max_batch_size=max(args.batch)) as sharded:
             for b in args.batch:
-                record(shards, b, *decode_rate(lambda n: sharded.generate(prompts[b], SamplingParams(max_new_tokens=n)),
-                                               b, args.new_tokens, args.repeats))
+                rate = decode_rate(lambda n: sharded.generate(prompts[b], SamplingParams(max_new_tokens=n)),
+                                   b, args.new_tokens, args.repeats)
+                record(shards, b, *rate, "cuda-graphs" if sharded.stats()["decode_graphs"] else "eager")
     meta = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0), "preset": args.preset,
             "gpus": torch.cuda.device_count(), "torch": torch.__version__, "weight_read_floor_ms": floor_s * 1e3}
     print(json.dumps(meta))

@@ -138,6 +138,9 @@ class MoE(nn.Module):
         self.shared = SwiGLU(dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
         # tokens per expert in the last forward, and accumulated since the last bias update
         self.register_buffer("last_load", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
+        # set by a replayed CUDA graph (model/decode_graphs.py): its first rows are real, the rest
+        # padding, and only the real ones count in last_load (a device scalar, written per replay)
+        self.real_rows: torch.Tensor | None = None
         self.register_buffer("pending_load", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
 
     def gate_route(self, x_ND: torch.Tensor) -> tuple[Routing, Dispatch]:
@@ -146,7 +149,12 @@ class MoE(nn.Module):
         bias = self.expert_bias if self.cfg.bias_balancing else None
         routing = route(self.gate(x_ND), bias, self.cfg)
         dispatch = permute(routing, self.cfg.n_routed_experts, expert_capacity(x_ND.shape[0], self.cfg))
-        self.last_load.copy_(dispatch.routed_counts)
+        if self.real_rows is None:
+            self.last_load.copy_(dispatch.routed_counts)
+        else:  # padded rows are routed too (static shapes) but are nobody's load
+            real = (torch.arange(x_ND.shape[0], device=x_ND.device) < self.real_rows).long()
+            self.last_load.zero_().scatter_add_(0, routing.experts.reshape(-1),
+                                                real.repeat_interleave(routing.experts.shape[1]))
         if self.training:
             self.pending_load += dispatch.routed_counts
         return routing, dispatch

@@ -10,8 +10,9 @@ import torch
 
 from cluster.sharded import ShardedModel
 from model.checkpoint import save_checkpoint
+from model.generate import SamplingParams
 from tests.conftest import build_model, tiny_config
-from tests.routing_ties import untied_tokens
+from tests.routing_ties import untied_prompts, untied_tokens
 
 pytestmark = pytest.mark.gpu
 
@@ -53,3 +54,29 @@ def test_nccl_replacement_and_failover_keep_logits(gpu_ray, seed, tmp_path):
         ray.kill(sharded.shard_handles()[0], no_restart=True)
         assert (sharded.forward(tokens) - expected).abs().max() <= 1e-5
         assert [e["action"] for e in sharded.elastic_status()["events"]] == ["place", "failover"]
+
+
+def test_nccl_decode_graphs_generate_the_single_process_tokens(gpu_ray, seed, tmp_path):
+    """Generation replays the router's decode steps as CUDA graphs, the shard serving them over
+    the fixed-size exchange: the single-process greedy tokens, again after a re-placement and a
+    failover (graphs captured anew for the new dispatch map and the new group), and the padding
+    rows of a graph's batch bucket count in no expert's load. The failover's first step is a
+    ragged prefill, whose host sync waits for the dead shard until the collective timeout (NCCL
+    does not fail a collective whose peer died), hence the short timeout."""
+    cfg = tiny_config("tiny")
+    model = build_model(cfg, seed)
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    prompts, expected = untied_prompts(model, seed, (5, 9, 3), params)  # 3 sequences: a bucket of 4
+    ckpt = save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict())
+    with ShardedModel.create(str(ckpt), num_shards=1, use_gpu=True, timeout_s=20) as sharded:
+        before = sharded.expert_load().clone()
+        assert sharded.generate(prompts, params) == expected
+        assert sharded.stats()["decode_graphs"] > 0, "no decode step ran as a graph"
+        copies = (sum(len(p) for p in prompts) + len(prompts) * (params.max_new_tokens - 1)) * cfg.moe.top_k
+        loads = sharded.expert_load() - before
+        assert bool((loads.sum(1) == copies).all()), f"load counts padding rows: {loads.sum(1).tolist()} != {copies}"
+        event = sharded.apply_placement([list(reversed(range(cfg.moe.n_routed_experts)))])
+        assert event["ok"], event["message"]
+        assert sharded.generate(prompts, params) == expected
+        ray.kill(sharded.shard_handles()[0], no_restart=True)
+        assert sharded.generate(prompts, params) == expected
