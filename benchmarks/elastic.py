@@ -53,6 +53,7 @@ class Clients:
         self.model, self.prompts, self.params = model, prompts, params
         self.done: list[tuple[float, float, int, list[int]]] = []
         self.errors: list[str] = []
+        self.in_flight: dict[int, float] = {}  # client -> start of its unanswered request
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
         for t in self.threads:
@@ -63,12 +64,21 @@ class Clients:
             if self.stop.is_set():
                 return
             p = (index + n) % len(self.prompts)
-            start = time.perf_counter()
+            start = self.in_flight[index] = time.perf_counter()
             try:
                 out = self.model.generate([self.prompts[p]], self.params)[0]
                 self.done.append((start, time.perf_counter(), p, out))
             except Exception as exc:  # counted and reported, never hidden
                 self.errors.append(str(exc).splitlines()[0][:200])
+            finally:
+                del self.in_flight[index]
+
+    def wait_answered(self, before: float, limit_s: float = 120.0) -> None:
+        """Until every request started before `before` is answered (or failed), so an event's
+        latency row includes the requests it held up, however long they took."""
+        deadline = time.perf_counter() + limit_s
+        while any(start <= before for start in list(self.in_flight.values())) and time.perf_counter() < deadline:
+            time.sleep(0.05)
 
     def window(self, t0: float, t1: float) -> list[float]:
         """Latencies of requests that overlapped [t0, t1]."""
@@ -140,7 +150,7 @@ def main() -> None:
         t0 = time.perf_counter()
         duration = action()
         t1 = time.perf_counter()
-        time.sleep(1.0)  # let the requests that overlapped it finish
+        clients.wait_answered(t1)
         lat = clients.window(t0, t1)
         base = rows[[r["phase"] for r in rows].index(baseline)]
         rows.append({"phase": name, "duration_s": duration, "requests": len(lat),
