@@ -161,6 +161,22 @@ def test_experts_without_tokens(chunks, seed):
     assert moe.experts.w_up.grad.abs().sum() > 0
 
 
+def test_padding_rows_of_a_graph_bucket_count_in_no_experts_load(seed):
+    """A replayed decode graph (model/decode_graphs.py) pads its batch to a bucket: with
+    `real_rows` set, last_load is the load of the real rows alone, and their outputs are those
+    of the unpadded batch."""
+    moe = make_moe(seed, bias_balancing=False).eval()
+    x = torch.randn(7, 32)
+    padded = torch.cat([x, torch.randn(5, 32)])
+    with torch.no_grad():
+        alone, _ = moe(x[None])
+        expected = moe.last_load.clone()
+        moe.real_rows = torch.tensor(7)
+        out, _ = moe(padded[None])
+    assert torch.equal(moe.last_load, expected)
+    assert (out[0, :7] - alone[0]).abs().max() <= 1e-5
+
+
 def test_capacity_drops_exactly_the_overflow():
     """Each expert keeps its first `capacity` tokens in token order; the rest are dropped."""
     experts = torch.tensor([[0, 1], [0, 2], [1, 0], [0, 3], [2, 1], [0, 1]])
