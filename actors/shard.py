@@ -124,6 +124,7 @@ class ExpertShard:
             "param_bytes": param_bytes,
             "rss_bytes": psutil.Process().memory_info().rss,
             "device": str(self.device),
+            "step_graphs": len(self.graphs.graphs) if self.graphs is not None else None,  # row counts captured
         }
         if self.device.type == "cuda":
             stats["cuda_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
