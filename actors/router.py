@@ -30,18 +30,14 @@ from actors.elastic import Controller, ElasticConfig, ElasticMetrics, LoadWindow
 from actors.placement import ExpertPlacement, balanced_placement, imbalance
 from actors.remote_experts import RemoteExperts
 from actors.shard import ExpertShardActor
-from actors.transport import Rendezvous, backend_for, join_group, leave_group
+from actors.transport import (FIXED_EXCHANGE_MAX_ROWS, Rendezvous, backend_for, graph_buckets, join_group,
+                              leave_group)
 from actors.weights import WeightSource
 from model.attention import KVCache, StepLayout
 from model.config import ModelConfig
 from model.decode_graphs import DecodeGraphs
 from model.generate import ContinuousBatcher, SamplingParams, Sequence
 from model.transformer import Transformer
-
-# Steps whose token copies number at most this exchange a fixed row count per shard (the copies
-# of all tokens: no shard can get more), so no MoE layer reads its counts on the host: decode
-# steps of up to 128 sequences at top-8. Larger steps (prefill) send exact counts.
-FIXED_EXCHANGE_MAX_ROWS = 1024
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +90,7 @@ class Router:
         self.batch_sizes: deque[int] = deque(maxlen=10_000)
         # on GPU, decode steps replayed as CUDA graphs (the shards serving them eagerly), in batch
         # buckets up to the fixed exchange's size: a captured step cannot read counts on the host
-        buckets = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b * cfg.moe.top_k <= FIXED_EXCHANGE_MAX_ROWS)
+        buckets = graph_buckets(cfg.moe.top_k)
         if use_gpu and buckets:
             self.graphs = DecodeGraphs(self.model, max_batch_size, buckets, peers=self._shards_serve)
         caches = self.graphs.slot_caches if self.graphs else self.model.new_cache(max_batch_size, cfg.max_seq_len)

@@ -18,7 +18,8 @@ import psutil
 import ray
 import torch
 
-from actors.transport import GroupSpec, join_group, leave_group, shard_serve_layer
+from actors.shard_graphs import StepGraphs
+from actors.transport import GroupSpec, graph_buckets, join_group, leave_group, shard_serve_layer
 from actors.weights import EXPERT_NAMES, WeightSource
 from model.config import ModelConfig
 from model.moe import RoutedExperts
@@ -34,6 +35,10 @@ class ExpertShard:
         self.experts: list[RoutedExperts] = []
         self.load: list[torch.Tensor] = []
         self._pending: tuple[list[list[int]], list[RoutedExperts]] | None = None
+        # on GPU, fixed-size steps (decode) replayed as CUDA graphs, one per row count
+        # (the row counts of the router's replayed steps only: other small steps vary in size)
+        self.graphs = StepGraphs() if self.device.type == "cuda" else None
+        self.graph_rows = {b * cfg.moe.top_k for b in graph_buckets(cfg.moe.top_k)}
         self.prepare(experts_per_layer)
         self.commit()
         self.steps = 0
@@ -67,6 +72,7 @@ class ExpertShard:
         """Switch to the prepared stacks; the old ones are freed. Load counters restart."""
         if self._pending is None:
             raise RuntimeError("commit without a prepared placement")
+        self._drop_graphs()  # they captured the old stacks and load buffers
         self.expert_ids, self.experts = self._pending
         self._pending = None
         self.load = [torch.zeros(len(ids), dtype=torch.long, device=self.device) for ids in self.expert_ids]
@@ -74,10 +80,16 @@ class ExpertShard:
             torch.cuda.empty_cache()
 
     def join(self, spec: GroupSpec, rank: int) -> None:
+        self._drop_graphs()  # before the old communicator goes: they hold its work
         join_group(spec, rank)
 
     def leave(self) -> None:
+        self._drop_graphs()
         leave_group()
+
+    def _drop_graphs(self) -> None:
+        if self.graphs is not None:
+            self.graphs.clear()
 
     @ray.method(concurrency_group="info")
     def node_id(self) -> str:
@@ -87,10 +99,16 @@ class ExpertShard:
     def run_step(self, rows_per_shard: int | None = None) -> None:
         """Serve every MoE layer of one forward step, in layer order (with the router's fixed row
         count for small steps: see `router_dispatch`). The load is added up on the device, so
-        nothing here waits for the device."""
-        for i, stack in enumerate(self.experts):
-            self.load[i] += shard_serve_layer(stack.n_experts, self.cfg.dim, self.dtype, self.device, stack,
-                                              rows_per_shard)
+        nothing here waits for the device. Fixed-size steps on GPU replay a CUDA graph."""
+        def serve() -> None:
+            for i, stack in enumerate(self.experts):
+                self.load[i] += shard_serve_layer(stack.n_experts, self.cfg.dim, self.dtype, self.device, stack,
+                                                  rows_per_shard)
+
+        if self.graphs is not None and rows_per_shard in self.graph_rows:
+            self.graphs.run(rows_per_shard, serve)
+        else:
+            serve()
         self.steps += 1
 
     @ray.method(concurrency_group="info")
@@ -106,6 +124,7 @@ class ExpertShard:
             "param_bytes": param_bytes,
             "rss_bytes": psutil.Process().memory_info().rss,
             "device": str(self.device),
+            "step_graphs": len(self.graphs.graphs) if self.graphs is not None else None,  # row counts captured
         }
         if self.device.type == "cuda":
             stats["cuda_allocated_bytes"] = torch.cuda.memory_allocated(self.device)

@@ -25,6 +25,18 @@ import torch
 import torch.distributed as dist
 
 
+# Steps whose token copies number at most this exchange a fixed row count per shard (the copies
+# of all tokens: no shard can get more), so no MoE layer reads its counts on the host: decode
+# steps of up to 128 sequences at top-8. Larger steps (prefill) send exact counts.
+FIXED_EXCHANGE_MAX_ROWS = 1024
+
+
+def graph_buckets(top_k: int) -> tuple[int, ...]:
+    """Batch sizes whose decode steps are replayed as CUDA graphs (batches pad up to one): those
+    whose fixed-size exchange fits, as a captured step cannot read counts on the host."""
+    return tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b * top_k <= FIXED_EXCHANGE_MAX_ROWS)
+
+
 @dataclass(frozen=True)
 class GroupSpec:
     host: str

@@ -15,7 +15,8 @@ import torch
 from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
-from actors.router import FIXED_EXCHANGE_MAX_ROWS, ShardFailure
+from actors.router import ShardFailure
+from actors.transport import FIXED_EXCHANGE_MAX_ROWS
 from cluster.sharded import ShardedModel
 from model.checkpoint import save_checkpoint
 from model.generate import SamplingParams
