@@ -41,6 +41,13 @@ from model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
+CUDA_GRAPH_MODES = ("all", "router", "none")  # where decode steps replay as CUDA graphs (GPU only)
+
+
+def check_cuda_graphs(mode: str) -> None:
+    if mode not in CUDA_GRAPH_MODES:
+        raise ValueError(f"cuda_graphs must be one of {', '.join(CUDA_GRAPH_MODES)}, got {mode!r}")
+
 
 class ShardFailure(RuntimeError):
     """A shard died or its collective failed and it could not be replaced; the message names the
@@ -54,16 +61,21 @@ class ShardFailure(RuntimeError):
 class Router:
     def __init__(self, cfg: ModelConfig, source: WeightSource, placement: ExpertPlacement,
                  shard_options: list[dict] | None = None, dtype: str = "float32", max_batch_size: int = 32,
-                 timeout_s: float = 60.0, use_gpu: bool = False, elastic: ElasticConfig | dict | None = None):
+                 timeout_s: float = 60.0, use_gpu: bool = False, elastic: ElasticConfig | dict | None = None,
+                 cuda_graphs: str = "all"):
         """shard_options: Ray actor options per shard (placement group bundle, resources); shards
         added later take a free one or go outside them (`elastic_shard_options`).
         use_gpu: router and shards each run on their (Ray-assigned) GPU and talk over NCCL.
-        elastic: failover and controller settings (`ElasticConfig`)."""
+        elastic: failover and controller settings (`ElasticConfig`).
+        cuda_graphs (GPU): "all" replays decode steps as CUDA graphs on the router and the shards,
+        "router" on the router only, "none" runs everything eagerly (to tell a graph's fault or
+        gain from the rest)."""
+        check_cuda_graphs(cuda_graphs)
         if placement.n_shards < 1 or len(placement.layers) != cfg.n_moe_layers:
             raise ValueError(f"placement covers {len(placement.layers)} MoE layers with {placement.n_shards} shards; "
                              f"the model has {cfg.n_moe_layers} MoE layers and needs at least one shard")
         self.cfg, self.source, self.placement = cfg, source, placement
-        self.dtype_name, self.timeout_s, self.use_gpu = dtype, timeout_s, use_gpu
+        self.dtype_name, self.timeout_s, self.use_gpu, self.cuda_graphs = dtype, timeout_s, use_gpu, cuda_graphs
         self.elastic = elastic_config_from(elastic)
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
         self.model = self._build_model(cfg, source, placement).to(self.device, getattr(torch, dtype)).eval()
@@ -91,7 +103,7 @@ class Router:
         # on GPU, decode steps replayed as CUDA graphs (the shards serving them eagerly), in batch
         # buckets up to the fixed exchange's size: a captured step cannot read counts on the host
         buckets = graph_buckets(cfg.moe.top_k)
-        if use_gpu and buckets:
+        if use_gpu and buckets and cuda_graphs != "none":
             self.graphs = DecodeGraphs(self.model, max_batch_size, buckets, peers=self._shards_serve)
         caches = self.graphs.slot_caches if self.graphs else self.model.new_cache(max_batch_size, cfg.max_seq_len)
         self.batcher = ContinuousBatcher(self._step, caches, cfg.max_seq_len, self.device)
@@ -115,7 +127,7 @@ class Router:
 
     def _start_shard(self, experts: list[list[int]], options: dict):
         return ExpertShardActor.options(**options).remote(self.cfg, self.source, experts, self.dtype_name,
-                                                          self.device.type)
+                                                          self.device.type, self.cuda_graphs == "all")
 
     def _wait_started(self, shards: list) -> list[str]:
         """Node of each new shard once it is up with its experts. A shard that is not up in time

@@ -22,12 +22,13 @@ from actors.shard_graphs import StepGraphs
 from actors.transport import GroupSpec, graph_buckets, join_group, leave_group, shard_serve_layer
 from actors.weights import EXPERT_NAMES, WeightSource
 from model.config import ModelConfig
+from model.grouped import native_kernel_serves
 from model.moe import RoutedExperts
 
 
 class ExpertShard:
     def __init__(self, cfg: ModelConfig, source: WeightSource, experts_per_layer: list[list[int]],
-                 dtype: str = "float32", device: str = "cpu"):
+                 dtype: str = "float32", device: str = "cpu", step_graphs: bool = True):
         self.cfg, self.source = cfg, source
         self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
         self.dtype = getattr(torch, dtype)
@@ -35,9 +36,13 @@ class ExpertShard:
         self.experts: list[RoutedExperts] = []
         self.load: list[torch.Tensor] = []
         self._pending: tuple[list[list[int]], list[RoutedExperts]] | None = None
-        # on GPU, fixed-size steps (decode) replayed as CUDA graphs, one per row count
-        # (the row counts of the router's replayed steps only: other small steps vary in size)
-        self.graphs = StepGraphs() if self.device.type == "cuda" else None
+        # on GPU, fixed-size steps (decode) replayed as CUDA graphs, one per row count (the row
+        # counts of the router's replayed steps only: other small steps vary in size), where the
+        # expert products read no counts on the host: a capture would fail and the router's
+        # replayed collectives wait for this shard's forever
+        capturable = self.device.type == "cuda" and native_kernel_serves(self.dtype, self.device, cfg.dim,
+                                                                         cfg.moe.moe_inter_dim)
+        self.graphs = StepGraphs() if step_graphs and capturable else None
         self.graph_rows = {b * cfg.moe.top_k for b in graph_buckets(cfg.moe.top_k)}
         self.prepare(experts_per_layer)
         self.commit()

@@ -22,7 +22,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from actors.bundles import actor_options, model_bundles, shard_options
 from actors.elastic import ElasticConfig
 from actors.placement import ExpertPlacement
-from actors.router import RouterActor
+from actors.router import RouterActor, check_cuda_graphs
 from actors.weights import WeightSource
 from model import checkpoint
 from model.config import ModelConfig
@@ -39,9 +39,11 @@ class ShardedModel:
     def create(cls, source: ModelConfig | str, num_shards: int = 2, seed: int | None = None,
                placement: ExpertPlacement | Sequence | None = None, dtype: str = "float32",
                max_batch_size: int = 32, use_gpu: bool | None = None, timeout_s: float = 60.0,
-               elastic: ElasticConfig | dict | None = None) -> "ShardedModel":
+               elastic: ElasticConfig | dict | None = None, cuda_graphs: str = "all") -> "ShardedModel":
         """source: a checkpoint directory, or a model config together with `seed`.
-        elastic: failover / controller settings (default: failover on, controller off)."""
+        elastic: failover / controller settings (default: failover on, controller off).
+        cuda_graphs: where decode steps replay as CUDA graphs on GPU ("all", "router", "none")."""
+        check_cuda_graphs(cuda_graphs)
         if isinstance(source, ModelConfig):
             if seed is None:
                 raise ValueError("a sharded model from a config needs a seed for its weights")
@@ -61,7 +63,7 @@ class ShardedModel:
             ray.get(pg.ready(), timeout=timeout_s)
             router = RouterActor.options(max_concurrency=ROUTER_CONCURRENCY, **actor_options(pg, 0, use_gpu)).remote(
                 cfg, weights, placement, shard_options(pg, num_shards, use_gpu), dtype, max_batch_size, timeout_s,
-                use_gpu, elastic)
+                use_gpu, elastic, cuda_graphs)
             ray.get(router.stats.remote(), timeout=max(timeout_s, 120))  # construction errors surface here
         except Exception:
             remove_placement_group(pg)

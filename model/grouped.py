@@ -11,15 +11,22 @@ from __future__ import annotations
 import torch
 
 
-def _native_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
-    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
+def native_kernel_serves(dtype: torch.dtype, device: torch.device, *widths: int) -> bool:
+    """Whether the native kernel multiplies this dtype on this device, for operands whose rows are
+    `widths` wide. Only then does a grouped product read nothing on the host (the loop reads the
+    counts), which a CUDA graph needs."""
+    if not hasattr(torch, "_grouped_mm"):
         return False
     # the kernel needs 16-byte aligned row strides
-    if (x.shape[-1] * x.element_size()) % 16 or (w.shape[-1] * w.element_size()) % 16:
+    if any(width * dtype.itemsize % 16 for width in widths):
         return False
-    if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
-    return x.device.type == "cpu" and x.dtype == torch.float32
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+    return device.type == "cpu" and dtype == torch.float32
+
+
+def _native_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return x.dtype == w.dtype and native_kernel_serves(x.dtype, x.device, x.shape[-1], w.shape[-1])
 
 
 def _check_impl(impl: str) -> None:

@@ -154,6 +154,8 @@ def test_shutdown_frees_actors_and_placement_group(cluster, seed):
 def test_bad_inputs_are_clear_errors_and_the_model_keeps_serving(cluster, seed, tmp_path):
     cfg, model = reference("tiny", seed)
     ckpt = save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict())
+    with pytest.raises(ValueError, match="cuda_graphs must be one of all, router, none, got 'eager'"):
+        ShardedModel.create(str(ckpt), num_shards=2, cuda_graphs="eager")
     with ShardedModel.create(str(ckpt), num_shards=2) as sharded:
         with pytest.raises(ray.exceptions.RayTaskError, match="token ids must be in"):
             sharded.forward([[1, cfg.vocab_size]])
