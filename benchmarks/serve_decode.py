@@ -4,14 +4,16 @@
                its decode steps replayed as CUDA graphs (`model/decode_graphs.py`): the floor the
                sharded runtime is measured against
   --shards N   `ShardedModel` with N expert shards: router and each shard on a GPU of their own
-               (N + 1 GPUs), NCCL all-to-all per MoE layer; skipped, saying so, with fewer GPUs
+               (N + 1 GPUs), NCCL all-to-all per MoE layer; skipped, saying so, with fewer GPUs;
+               once per `--cuda-graphs` setting (all: router and shards replay decode steps as
+               CUDA graphs, router: the router only, none: eager), so each is its own baseline
 
 Random weights in bf16, B prompts of `--prompt-len` random tokens, greedy, `--new-tokens` each,
 nothing stops early. Decode rate = B x (new_tokens - 1) / (time for new_tokens - time for 1 new
 token), so the prefill is left out. In the same run, the time to read every weight once
 (a device-to-device copy of the parameters' bytes) gives the memory floor of one decode step.
 
-Run: python3 benchmarks/serve_decode.py --preset small --batch 1 16 64 --shards 0 1 2
+Run: python3 benchmarks/serve_decode.py --preset small --batch 1 16 64 --shards 0 1 2 --cuda-graphs all router
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 
 import torch  # noqa: E402
 
+from actors.router import CUDA_GRAPH_MODES  # noqa: E402
 from cluster.config import load_config  # noqa: E402
 from model.decode_graphs import DecodeGraphs  # noqa: E402
 from model.generate import SamplingParams, generate  # noqa: E402
@@ -79,6 +82,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true",
                         help="print where a single-process decode step of the first batch size spends its time")
+    parser.add_argument("--cuda-graphs", nargs="+", choices=CUDA_GRAPH_MODES, default=["all"],
+                        help="sharded runs: where decode steps replay as CUDA graphs, one run per setting")
     parser.add_argument("--json")
     args = parser.parse_args()
     cfg = load_config(args.preset).model
@@ -89,9 +94,9 @@ def main() -> None:
     prompts = {b: torch.randint(0, cfg.vocab_size, (b, args.prompt_len), generator=gen).tolist() for b in args.batch}
     rows = []
 
-    def record(shards: int, batch: int, rate: float, step: float, mode: str = "eager") -> None:
+    def record(shards: int, batch: int, rate: float, step: float, mode: str = "eager", **extra) -> None:
         row = {"shards": shards, "mode": mode, "batch": batch, "decode_tokens_per_s": rate, "step_ms": step * 1e3,
-               "weight_read_floor_ms": floor_s * 1e3}
+               "weight_read_floor_ms": floor_s * 1e3, **extra}
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -113,18 +118,21 @@ def main() -> None:
 
         from cluster.sharded import ShardedModel
         ray.init(include_dashboard=False, ignore_reinit_error=True)
-        with ShardedModel.create(cfg, num_shards=shards, seed=0, dtype="bfloat16", use_gpu=True,
-                                 max_batch_size=max(args.batch)) as sharded:
-            for b in args.batch:
-                rate = decode_rate(lambda n: sharded.generate(prompts[b], SamplingParams(max_new_tokens=n)),
-                                   b, args.new_tokens, args.repeats)
-                record(shards, b, *rate, "cuda-graphs" if sharded.stats()["decode_graphs"] else "eager")
+        for setting in args.cuda_graphs:
+            with ShardedModel.create(cfg, num_shards=shards, seed=0, dtype="bfloat16", use_gpu=True,
+                                     max_batch_size=max(args.batch), cuda_graphs=setting) as sharded:
+                for b in args.batch:
+                    rate = decode_rate(lambda n: sharded.generate(prompts[b], SamplingParams(max_new_tokens=n)),
+                                       b, args.new_tokens, args.repeats)
+                    # what replayed: the router's and each shard's captured graphs
+                    record(shards, b, *rate, f"graphs:{setting}", router_graphs=sharded.stats()["decode_graphs"],
+                           shard_graphs=[s["step_graphs"] for s in sharded.shard_stats()])
     meta = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0), "preset": args.preset,
             "gpus": torch.cuda.device_count(), "torch": torch.__version__, "weight_read_floor_ms": floor_s * 1e3}
     print(json.dumps(meta))
-    print(f"{'shards':>6} {'mode':>11} {'batch':>5} {'tokens/s':>9} {'step ms':>8} {'floor ms':>8}")
+    print(f"{'shards':>6} {'mode':>13} {'batch':>5} {'tokens/s':>9} {'step ms':>8} {'floor ms':>8}")
     for r in rows:
-        print(f"{r['shards']:>6} {r['mode']:>11} {r['batch']:>5} {r['decode_tokens_per_s']:>9.0f} {r['step_ms']:>8.2f} "
+        print(f"{r['shards']:>6} {r['mode']:>13} {r['batch']:>5} {r['decode_tokens_per_s']:>9.0f} {r['step_ms']:>8.2f} "
               f"{r['weight_read_floor_ms']:>8.3f}")
     if args.json:
         with open(args.json, "w") as f:

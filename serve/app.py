@@ -7,7 +7,8 @@ args: checkpoint (required), num_shards (2), max_batch_size (32), use_gpu (false
 model_name (the checkpoint's config name), min_replicas / max_replicas / target_ongoing_requests
 and upscale_delay_s / downscale_delay_s for the model deployment's autoscaling, elastic (a
 dict or JSON string of `actors.elastic.ElasticConfig` fields: failover, expert rebalancing and
-shard autoscaling inside each replica).
+shard autoscaling inside each replica), cuda_graphs (GPU: where decode steps replay as CUDA
+graphs, "all", "router" or "none").
 """
 
 
@@ -25,6 +26,7 @@ from ray.serve.handle import DeploymentHandle
 
 from actors.bundles import model_bundles
 from actors.elastic import elastic_config_from
+from actors.router import check_cuda_graphs
 from model import checkpoint
 from model.hf import as_moray_checkpoint
 from model.tokenizer import Tokenizer
@@ -116,6 +118,7 @@ class AppArgs:
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
     elastic: dict | str | None = None
+    cuda_graphs: str = "all"
 
     def __post_init__(self) -> None:
         """`serve run ... key=value` passes strings: coerce them to the declared types."""
@@ -128,6 +131,7 @@ class AppArgs:
         if isinstance(self.elastic, str):
             self.elastic = json.loads(self.elastic)
         self.elastic = asdict(elastic_config_from(self.elastic))  # a bad key fails here, before any replica
+        check_cuda_graphs(self.cuda_graphs)
 
 
 def build_app(args: dict) -> Application:
@@ -145,5 +149,5 @@ def build_app(args: dict) -> Application:
         autoscaling_config=autoscaling, placement_group_bundles=bundles, placement_group_strategy="SPREAD",
         ray_actor_options={"num_cpus": bundles[0]["CPU"], "num_gpus": bundles[0].get("GPU", 0)},
     ).bind(str(Path(opts.checkpoint).resolve()), opts.num_shards, opts.max_batch_size, opts.use_gpu,
-            elastic=opts.elastic)
+            elastic=opts.elastic, cuda_graphs=opts.cuda_graphs)
     return OpenAIIngress.bind(model, opts.model_name or cfg.name, str(tokenizer_file), cfg.max_seq_len)

@@ -29,13 +29,14 @@ ADMIN_ACTIONS = ("elastic_status", "rebalance", "apply_placement", "scale_shards
 
 class ModelServer:
     def __init__(self, checkpoint_dir: str, num_shards: int = 2, max_batch_size: int = 32, use_gpu: bool = False,
-                 dtype: str = "float32", elastic: dict | None = None):
+                 dtype: str = "float32", elastic: dict | None = None, cuda_graphs: str = "all"):
         cfg = checkpoint.load_config(checkpoint_dir)
         pg = get_current_placement_group()
         options = shard_options(pg, num_shards, use_gpu) if pg is not None else None
         self.router = Router(cfg, WeightSource(checkpoint=checkpoint_dir),
                              ExpertPlacement.contiguous(cfg.n_moe_layers, cfg.moe.n_routed_experts, num_shards),
-                             options, dtype, max_batch_size, use_gpu=use_gpu, elastic=elastic)
+                             options, dtype, max_batch_size, use_gpu=use_gpu, elastic=elastic,
+                             cuda_graphs=cuda_graphs)
         self.cfg = cfg
         # Serve tags it with application/deployment/replica; the admin dashboard shows its rate
         self.generated_tokens = metrics.Counter("moray_generated_tokens", description="tokens generated")

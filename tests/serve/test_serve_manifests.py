@@ -30,3 +30,5 @@ def test_broken_configs_are_rejected():
         ServeDeploySchema.parse_obj(data)
     with pytest.raises(TypeError, match="num_shard"):
         AppArgs(checkpoint="/x", num_shard=2)  # a misspelled build_app arg
+    with pytest.raises(ValueError, match="cuda_graphs must be one of all, router, none, got 'off'"):
+        AppArgs(checkpoint="/x", cuda_graphs="off")
