@@ -177,6 +177,19 @@ def test_padding_rows_of_a_graph_bucket_count_in_no_experts_load(seed):
     assert (out[0, :7] - alone[0]).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("dtype, k, n", [(torch.float32, 32, 16), (torch.float32, 6, 16), (torch.float32, 32, 6),
+                                         (torch.bfloat16, 32, 16)])
+def test_native_kernel_claim_is_the_path_grouped_mm_takes(dtype, k, n):
+    """A shard captures its decode step as a CUDA graph only where `native_kernel_serves` says
+    the native kernel runs (the loop reads counts on the host, which fails a capture), so the
+    claim must be the path grouped_mm really takes: fp32 on the CPU with 16-byte aligned rows."""
+    from model.grouped import _use_native, native_kernel_serves
+    x, w = torch.randn(10, k, dtype=dtype), torch.randn(3, k, n, dtype=dtype)
+    claim = native_kernel_serves(dtype, x.device, k, n)
+    assert claim == _use_native(x, w, "auto")
+    assert claim == (dtype == torch.float32 and k % 4 == 0 and n % 4 == 0)
+
+
 def test_capacity_drops_exactly_the_overflow():
     """Each expert keeps its first `capacity` tokens in token order; the rest are dropped."""
     experts = torch.tensor([[0, 1], [0, 2], [1, 0], [0, 3], [2, 1], [0, 1]])
