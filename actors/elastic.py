@@ -30,6 +30,9 @@ class ElasticConfig:
     start_timeout_s: float = 60.0
     # while no replacement could be started, requests fail at once; a new try every retry_after_s
     retry_after_s: float = 10.0
+    # a step attempt running longer than this marks the Serve replica unhealthy, so Serve replaces
+    # it (0: three collective timeouts); see Router.stuck_step
+    stuck_step_s: float = 0.0
     # controller: rebalance experts when max/mean shard load over the window passes threshold
     rebalance: bool = False
     threshold: float = 1.3
@@ -58,6 +61,7 @@ def check_elastic_config(cfg: ElasticConfig, where: str = "cluster.elastic") -> 
              ("failover_retries", cfg.failover_retries >= 0, "must be >= 0"),
              ("start_timeout_s", cfg.start_timeout_s > 0, "must be > 0"),
              ("retry_after_s", cfg.retry_after_s > 0, "must be > 0"),
+             ("stuck_step_s", cfg.stuck_step_s >= 0, "must be >= 0 (0: three collective timeouts)"),
              ("min_shards", 1 <= cfg.min_shards <= cfg.max_shards, "must be between 1 and max_shards")]
     for key, ok, message in rules:
         if not ok:

@@ -91,6 +91,7 @@ class Router:
         self.graphs: DecodeGraphs | None = None  # made below, once the group exists
         self._peer_refs: list = []  # the shards' calls serving a capture's warm-up step
         self._step_lock = threading.RLock()
+        self._step_since: float | None = None  # when the step attempt in progress started (monotonic)
         self._admin_lock = threading.Lock()  # one re-placement at a time
         self._state_lock = threading.Lock()  # shards, their nodes and the placement change together
         self._form_group()
@@ -281,19 +282,39 @@ class Router:
         with self._step_lock:
             if self._failure:
                 self._retry_failover()
-            for attempt in range(self.elastic.failover_retries + 1):
-                try:
-                    logits = self._try_step(tokens, layout, caches, logits_at)
-                    break
-                except ShardFailure as failure:
-                    if not self.elastic.failover or attempt == self.elastic.failover_retries:
-                        self._failure = str(failure)
-                        raise
-                    self._fail_over(failure)
-            load = self.model.expert_load().cpu()
+            try:
+                for attempt in range(self.elastic.failover_retries + 1):
+                    self._step_since = time.monotonic()  # a failover between attempts has its own timeouts
+                    try:
+                        logits = self._try_step(tokens, layout, caches, logits_at)
+                        break
+                    except ShardFailure as failure:
+                        self._step_since = None
+                        if not self.elastic.failover or attempt == self.elastic.failover_retries:
+                            self._failure = str(failure)
+                            raise
+                        self._fail_over(failure)
+                load = self.model.expert_load().cpu()  # waits for the step's device work
+            finally:
+                self._step_since = None
             self.total_load += load
             self.window.add(load)
             return logits
+
+    def stuck_step(self) -> str | None:
+        """Why this router is stuck, if it is: a step attempt that ran past `stuck_step_s`. Every
+        wait of a step is bounded by the collective timeout except one: on GPUs a collective
+        replayed from a CUDA graph whose peer died is watched by nothing (README, failover). The
+        Serve replica's health check reports it, and Serve replaces the replica."""
+        since, limit = self._step_since, self._stuck_limit_s()
+        if since is None or time.monotonic() - since <= limit:
+            return None
+        return (f"a forward step has run for {time.monotonic() - since:.0f} s, past the {limit:g} s a step may take "
+                f"(cluster.elastic.stuck_step_s): its device work waits on a peer that will not answer")
+
+    def _stuck_limit_s(self) -> float:
+        # a step waits at most two collective timeouts: a graph capture's warm-up, then its own
+        return self.elastic.stuck_step_s or 3 * self.timeout_s
 
     def _retry_failover(self) -> None:
         """While down: the same error at once, except every `retry_after_s`, when the failover is
@@ -604,6 +625,8 @@ class Router:
             "device": str(self.device),
             # decode steps replayed as CUDA graphs: how many (batch, cache-length) buckets are captured
             "decode_graphs": len(self.graphs.graphs) if self.graphs else None,
+            # how long the step attempt in progress has run (0 between steps): see stuck_step
+            "step_running_s": 0.0 if self._step_since is None else time.monotonic() - self._step_since,
         }
 
     def shard_stats(self) -> list[dict]:

@@ -57,6 +57,13 @@ class ModelServer:
     async def generate(self, prompt: list[int], params: SamplingParams) -> list[int]:
         return [token async for token in self.stream(prompt, params)]
 
+    def check_health(self) -> None:
+        """Serve's replica health check: a replica whose router is stuck in a step (see
+        `Router.stuck_step`) fails it, and Serve replaces the replica, shards and all."""
+        problem = self.router.stuck_step()
+        if problem is not None:
+            raise RuntimeError(problem)
+
     def stats(self) -> dict:
         return self.router.stats()
 
