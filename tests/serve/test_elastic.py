@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -23,19 +22,16 @@ from pathlib import Path
 import pytest
 import ray
 import requests
-import torch
 from ray import serve
 from ray.cluster_utils import Cluster
 
 from actors.transport import free_port
 from cluster import experts
-from model.checkpoint import save_checkpoint
 from model.generate import SamplingParams, generate
 from model.tokenizer import Tokenizer
 from serve.app import build_app
-from tests.conftest import build_model, tiny_config
 from tests.routing_ties import untied
-from train.data import prepare_corpus
+from tests.serve.text_checkpoint import json_tiny_checkpoint
 
 PROMPTS = ["import json", "def load(", "class Decoder:", "# parse the"]
 MAX_TOKENS = 20
@@ -78,12 +74,8 @@ class Load:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("elastic")
-    json_package = Path(sysconfig.get_paths()["stdlib"]) / "json"
-    manifest = prepare_corpus([json_package], root / "corpus", vocab_size=512, progress=False)
-    cfg = tiny_config("tiny", "model.vocab_size=512")
-    model = build_model(cfg, seed=4321)
-    ckpt = save_checkpoint(root / "ckpt", cfg, model.state_dict(), tokenizer_file=manifest.tokenizer_path)
-    tok = Tokenizer.load(manifest.tokenizer_path)
+    ckpt, model, tokenizer_file = json_tiny_checkpoint(root, seed=4321)
+    tok = Tokenizer.load(tokenizer_file)
     expected = {}
     for prompt in PROMPTS:
         params = SamplingParams(max_new_tokens=MAX_TOKENS, stop_tokens=(tok.eos_id,))

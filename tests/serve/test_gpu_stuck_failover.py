@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
-import sysconfig
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import ray
@@ -21,10 +19,8 @@ from ray import serve
 from ray.util.state import list_actors
 
 from actors.transport import free_port
-from model.checkpoint import save_checkpoint
 from serve.app import build_app
-from tests.conftest import build_model, tiny_config
-from train.data import prepare_corpus
+from tests.serve.text_checkpoint import json_tiny_checkpoint
 
 pytestmark = pytest.mark.gpu
 PROMPT = "import json"
@@ -36,11 +32,7 @@ def served(tmp_path_factory):
         pytest.skip("needs two CUDA GPUs")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     root = tmp_path_factory.mktemp("gpu-stuck")
-    json_package = Path(sysconfig.get_paths()["stdlib"]) / "json"
-    manifest = prepare_corpus([json_package], root / "corpus", vocab_size=512, progress=False)
-    cfg = tiny_config("tiny", "model.vocab_size=512")
-    ckpt = save_checkpoint(root / "ckpt", cfg, build_model(cfg, seed=7).state_dict(),
-                           tokenizer_file=manifest.tokenizer_path)
+    ckpt, _, _ = json_tiny_checkpoint(root, seed=7)
     port, dashboard_port = free_port("127.0.0.1"), free_port("127.0.0.1")
     ray.init(address="local", num_cpus=8, num_gpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=dashboard_port)

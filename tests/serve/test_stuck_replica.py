@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
-import sysconfig
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import ray
@@ -23,10 +21,8 @@ from ray import serve
 from ray.util.state import list_actors
 
 from actors.transport import free_port
-from model.checkpoint import save_checkpoint
 from serve.app import build_app
-from tests.conftest import build_model, tiny_config
-from train.data import prepare_corpus
+from tests.serve.text_checkpoint import json_tiny_checkpoint
 
 PROMPT = "import json"
 
@@ -34,11 +30,7 @@ PROMPT = "import json"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("stuck")
-    json_package = Path(sysconfig.get_paths()["stdlib"]) / "json"
-    manifest = prepare_corpus([json_package], root / "corpus", vocab_size=512, progress=False)
-    cfg = tiny_config("tiny", "model.vocab_size=512")
-    ckpt = save_checkpoint(root / "ckpt", cfg, build_model(cfg, seed=99).state_dict(),
-                           tokenizer_file=manifest.tokenizer_path)
+    ckpt, _, _ = json_tiny_checkpoint(root, seed=99)
     port, dashboard_port = free_port("127.0.0.1"), free_port("127.0.0.1")
     # Ray's dashboard serves the state API the test finds processes with
     ray.init(address="local", num_cpus=6, include_dashboard=True, dashboard_host="127.0.0.1",
