@@ -34,19 +34,12 @@ from actors.transport import (FIXED_EXCHANGE_MAX_ROWS, Rendezvous, backend_for, 
                               leave_group)
 from actors.weights import WeightSource
 from model.attention import KVCache, StepLayout
-from model.config import ModelConfig
+from model.config import ModelConfig, check_cuda_graphs
 from model.decode_graphs import DecodeGraphs
 from model.generate import ContinuousBatcher, SamplingParams, Sequence
 from model.transformer import Transformer
 
 log = logging.getLogger(__name__)
-
-CUDA_GRAPH_MODES = ("all", "router", "none")  # where decode steps replay as CUDA graphs (GPU only)
-
-
-def check_cuda_graphs(mode: str) -> None:
-    if mode not in CUDA_GRAPH_MODES:
-        raise ValueError(f"cuda_graphs must be one of {', '.join(CUDA_GRAPH_MODES)}, got {mode!r}")
 
 
 class ShardFailure(RuntimeError):

@@ -31,8 +31,8 @@ os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 
 import torch  # noqa: E402
 
-from actors.router import CUDA_GRAPH_MODES  # noqa: E402
 from cluster.config import load_config  # noqa: E402
+from model.config import CUDA_GRAPH_MODES  # noqa: E402
 from model.decode_graphs import DecodeGraphs  # noqa: E402
 from model.generate import SamplingParams, generate  # noqa: E402
 from model.transformer import Transformer  # noqa: E402

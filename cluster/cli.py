@@ -13,7 +13,7 @@ import socket
 import sys
 from pathlib import Path
 
-from model.config import ConfigError
+from model.config import CUDA_GRAPH_MODES, ConfigError
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -135,9 +135,10 @@ def _start_ray(address: str | None, num_cpus: int | None = None):
 
 
 def deploy(checkpoint_dir: str, port: int, num_shards: int, use_gpu: bool = False, grpc_port: int = 9000,
-           elastic: dict | None = None) -> str:
+           elastic: dict | None = None, cuda_graphs: str = "all") -> str:
     """Start (or update) the moray Serve application; returns the HTTP endpoint.
-    elastic: `cluster.elastic` settings (failover, rebalancing, shard autoscaling per replica)."""
+    elastic: `cluster.elastic` settings (failover, rebalancing, shard autoscaling per replica).
+    cuda_graphs: where decode steps replay as CUDA graphs on GPUs (all, router, none)."""
     from ray import serve
 
     from serve.app import GRPC_SERVICER, build_app
@@ -145,7 +146,7 @@ def deploy(checkpoint_dir: str, port: int, num_shards: int, use_gpu: bool = Fals
     serve.start(http_options={"host": "127.0.0.1", "port": port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]})
     serve.run(build_app({"checkpoint": checkpoint_dir, "num_shards": num_shards, "use_gpu": use_gpu,
-                         "elastic": elastic}), name="moray", route_prefix="/")
+                         "elastic": elastic, "cuda_graphs": cuda_graphs}), name="moray", route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
 
@@ -177,7 +178,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cluster_cfg = load_cluster_config(args.overrides)  # and a bad cluster.* override here
     context = _start_ray(args.address)
     endpoint = deploy(str(Path(args.checkpoint).resolve()), args.port, args.num_shards, args.use_gpu, args.grpc_port,
-                      asdict(cluster_cfg.elastic))
+                      asdict(cluster_cfg.elastic), args.cuda_graphs)
     print(f"model {name!r} served with {args.num_shards} expert shards")
     print(f"gRPC endpoint: 127.0.0.1:{args.grpc_port}  (serve/moray.proto, metadata application=moray)")
     print(f"OpenAI-compatible endpoint: {endpoint}/v1  (completions, chat/completions, models; health: {endpoint}/health)")
@@ -494,6 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--grpc-port", type=int, default=9000, help="gRPC port (default 9000)")
     serve_cmd.add_argument("--num-shards", type=int, default=2, help="expert shards per replica (default 2)")
     serve_cmd.add_argument("--use-gpu", action="store_true", help="router and shards on GPUs, NCCL between them")
+    serve_cmd.add_argument("--cuda-graphs", choices=CUDA_GRAPH_MODES, default="all",
+                           help="GPU: where decode steps replay as CUDA graphs, router and shards (all, the "
+                                "default), the router only, or none (eager; a shard dying mid-step then fails "
+                                "over within the collective timeout)")
     serve_cmd.add_argument("--no-wait", action="store_true", help="return after deploying")
     serve_cmd.set_defaults(func=cmd_serve)
 

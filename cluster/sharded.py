@@ -22,10 +22,10 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from actors.bundles import actor_options, model_bundles, shard_options
 from actors.elastic import ElasticConfig
 from actors.placement import ExpertPlacement
-from actors.router import RouterActor, check_cuda_graphs
+from actors.router import RouterActor
 from actors.weights import WeightSource
 from model import checkpoint
-from model.config import ModelConfig
+from model.config import ModelConfig, check_cuda_graphs
 from model.generate import SamplingParams
 
 ROUTER_CONCURRENCY = 256  # concurrent generate calls that can wait on the running batch

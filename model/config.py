@@ -18,6 +18,16 @@ class ConfigError(ValueError):
     """A config value is wrong; the message names the key and says what is expected."""
 
 
+# where a sharded model's decode steps replay as CUDA graphs (GPU only): router and shards, the
+# router only, nowhere (`actors/router.py`, `actors/shard_graphs.py`)
+CUDA_GRAPH_MODES = ("all", "router", "none")
+
+
+def check_cuda_graphs(mode: str) -> None:
+    if mode not in CUDA_GRAPH_MODES:
+        raise ConfigError(f"cuda_graphs must be one of {', '.join(CUDA_GRAPH_MODES)}, got {mode!r}")
+
+
 @dataclass
 class MoEConfig:
     n_routed_experts: int = 8

@@ -26,8 +26,8 @@ from ray.serve.handle import DeploymentHandle
 
 from actors.bundles import model_bundles
 from actors.elastic import elastic_config_from
-from actors.router import check_cuda_graphs
 from model import checkpoint
+from model.config import check_cuda_graphs
 from model.hf import as_moray_checkpoint
 from model.tokenizer import Tokenizer
 from serve.model_server import ModelServer
