@@ -94,7 +94,7 @@ class Router:
         self.events: deque[dict] = deque(maxlen=100)
         self.metrics = ElasticMetrics()
         self.batch_sizes: deque[int] = deque(maxlen=10_000)
-        # on GPU, decode steps replayed as CUDA graphs (the shards serving them eagerly), in batch
+        # on GPU, decode steps replayed as CUDA graphs (bf16 shards replay their side too), in batch
         # buckets up to the fixed exchange's size: a captured step cannot read counts on the host
         buckets = graph_buckets(cfg.moe.top_k)
         if use_gpu and buckets and cuda_graphs != "none":
@@ -607,6 +607,7 @@ class Router:
                         self._streams[seq_id] = (seq, tokens, len(seq.output))
 
     def stats(self) -> dict:
+        since = self._step_since  # once: the step thread may clear it meanwhile
         return {
             "generation": self.generation,
             "n_shards": len(self.shards),
@@ -619,7 +620,7 @@ class Router:
             # decode steps replayed as CUDA graphs: how many (batch, cache-length) buckets are captured
             "decode_graphs": len(self.graphs.graphs) if self.graphs else None,
             # how long the step attempt in progress has run (0 between steps): see stuck_step
-            "step_running_s": 0.0 if self._step_since is None else time.monotonic() - self._step_since,
+            "step_running_s": 0.0 if since is None else time.monotonic() - since,
         }
 
     def shard_stats(self) -> list[dict]:
