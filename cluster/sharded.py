@@ -29,6 +29,13 @@ from model.config import ModelConfig, check_cuda_graphs
 from model.generate import SamplingParams
 
 ROUTER_CONCURRENCY = 256  # concurrent generate calls that can wait on the running batch
+STUCK_CHECK_S = 5.0  # how often a long forward or generate asks the router whether its step is stuck
+
+
+class RouterStuck(RuntimeError):
+    """The router's step waits on device work that will not finish (`Router.stuck_step`): an
+    error instead of a call that never returns. The model is unusable until it is shut down and
+    created again (a Serve replica in this state is replaced by its health check)."""
 
 
 class ShardedModel:
@@ -71,10 +78,19 @@ class ShardedModel:
         return cls(router, pg, cfg)
 
     def forward(self, tokens: list[list[int]] | torch.Tensor, decode_from: int | None = None) -> torch.Tensor:
-        return ray.get(self.router.forward.remote(tokens, decode_from))
+        return self._answer(self.router.forward.remote(tokens, decode_from))
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
-        return ray.get(self.router.generate.remote(prompts, params))
+        return self._answer(self.router.generate.remote(prompts, params))
+
+    def _answer(self, ref: ray.ObjectRef):
+        """The router's answer, or RouterStuck once its step has run past `stuck_step_s`: on GPUs
+        a step can wait for ever (a CUDA-graph collective whose peer died, README, failover)."""
+        while not ray.wait([ref], timeout=STUCK_CHECK_S)[0]:
+            problem = ray.get(self.router.stuck_step.remote(), timeout=60)
+            if problem is not None:
+                raise RouterStuck(f"{problem}; shut this model down and create it again")
+        return ray.get(ref)
 
     def expert_load(self) -> torch.Tensor:
         """Tokens routed to each expert since start: [n_moe_layers, n_routed_experts]."""

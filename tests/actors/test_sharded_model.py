@@ -6,6 +6,8 @@ spread across its nodes and talk over gloo.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -17,7 +19,7 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 
 from actors.router import ShardFailure
 from actors.transport import FIXED_EXCHANGE_MAX_ROWS
-from cluster.sharded import ShardedModel
+from cluster.sharded import RouterStuck, ShardedModel
 from model.checkpoint import save_checkpoint
 from model.generate import SamplingParams
 from model.transformer import Transformer
@@ -138,6 +140,26 @@ def test_killed_shard_is_an_error_then_replacement_restores_logits(cluster, seed
         sharded.replace_shard(1)
         check_equal(sharded, model, seed + 1)
         assert sharded.stats()["generation"] == 2
+
+
+def test_a_stuck_step_is_an_error_not_a_call_that_never_returns(cluster, seed, tmp_path):
+    """A shard process stopped (SIGSTOP) holds the router's step in its collective (gloo waits up
+    to the 60 s timeout): past `stuck_step_s` generate raises RouterStuck instead of waiting. Once
+    the shard runs again the step finishes and the model answers as before."""
+    cfg, model = reference("tiny", seed)
+    ckpt = save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict())
+    with ShardedModel.create(str(ckpt), num_shards=2, elastic={"stuck_step_s": 2}) as sharded:
+        stopped = sharded.shard_stats()[1]["pid"]
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            started = time.time()
+            with pytest.raises(RouterStuck, match=r"past the 2 s a step may take .*create it again"):
+                sharded.generate([[5, 6, 7]], SamplingParams(max_new_tokens=4))
+            assert time.time() - started < 30
+            assert sharded.stats()["step_running_s"] > 2
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        check_equal(sharded, model, seed)
 
 
 def test_shutdown_frees_actors_and_placement_group(cluster, seed):
