@@ -74,7 +74,7 @@ def test_shard_step_graphs_give_the_eager_shards_tokens(gpu_ray, seed, tmp_path)
             step_graphs[mode] = sharded.shard_stats()[0]["step_graphs"]
             assert sharded.apply_placement(reversed_map)["ok"]
             tokens[mode] = (first, sharded.generate(prompts, params))
-    assert step_graphs == {"router": None, "all": step_graphs["all"]} and step_graphs["all"] > 0
+    assert step_graphs["router"] is None and step_graphs["all"] > 0
     assert tokens["all"] == tokens["router"]
 
 

@@ -55,8 +55,7 @@ def test_a_shard_killed_during_graph_decode_is_survived(served):
     assert first.status_code == 200, first.text
     shard = next(a.pid for a in list_actors(address=served["state_api"], filters=[("state", "=", "ALIVE")], limit=1000)
                  if "ExpertShard" in a.class_name)
-    held: list[requests.Response] = []
-    during = threading.Thread(target=lambda: held.append(complete(url, max_tokens=200)))
+    during = threading.Thread(target=complete, args=(url, 200))  # a long request, decoding at the kill
     during.start()
     time.sleep(1.0)  # decoding from graphs by now
     os.kill(shard, signal.SIGKILL)
