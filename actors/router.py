@@ -30,8 +30,9 @@ from actors.elastic import Controller, ElasticConfig, ElasticMetrics, LoadWindow
 from actors.placement import ExpertPlacement, balanced_placement, imbalance
 from actors.remote_experts import RemoteExperts
 from actors.shard import ExpertShardActor
-from actors.transport import (FIXED_EXCHANGE_MAX_ROWS, Rendezvous, backend_for, graph_buckets, join_group,
-                              leave_group)
+from actors.transport import (FIXED_EXCHANGE_MAX_ROWS, Rendezvous, abort_group_soon, backend_for, graph_buckets,
+                              join_group, leave_group)
+from actors.vigil import Vigil
 from actors.weights import WeightSource
 from model.attention import KVCache, StepLayout
 from model.config import ModelConfig, check_cuda_graphs
@@ -87,6 +88,10 @@ class Router:
         self._step_since: float | None = None  # when the step attempt in progress started (monotonic)
         self._admin_lock = threading.Lock()  # one re-placement at a time
         self._state_lock = threading.Lock()  # shards, their nodes and the placement change together
+        self._group_lock = threading.Lock()  # the group's generation and the deaths seen in it change together
+        self._died: dict[int, str] = {}  # shards of this group seen dead by the vigil
+        # NCCL does not fail a collective whose peer died: watch for deaths instead (actors/vigil.py)
+        self.vigil = Vigil(self._shard_died)
         self._form_group()
 
         self.total_load = torch.zeros(cfg.n_moe_layers, cfg.moe.n_routed_experts, dtype=torch.long)
@@ -184,21 +189,41 @@ class Router:
     def _form_group(self) -> None:
         """Everyone leaves the old group, then joins a new one on a new store (router = rank 0)."""
         self._leave_group()
-        self.generation += 1
+        with self._group_lock:
+            self.generation += 1
+            self._died = {}
         host = ray.util.get_node_ip_address()
         rendezvous = Rendezvous(host, len(self.shards) + 1, backend_for(self.device), self.timeout_s, self.generation)
         joins = [shard.join.remote(rendezvous.spec, rank) for rank, shard in enumerate(self.shards, start=1)]
         join_group(rendezvous.spec, 0, rendezvous.store)
         ray.get(joins, timeout=self.timeout_s)
+        self.vigil.watch(self.generation, self.shards)
         self._rendezvous = rendezvous  # the store must outlive the group
         self._failure = None
 
     def _leave_group(self) -> None:
         """Leave the group, dropping the decode graphs first: they hold work of its NCCL
-        communicator, which must not be torn down under them."""
+        communicator, which cannot be aborted while they exist."""
         if self.graphs is not None:
             self.graphs.clear()
         leave_group()
+
+    def _shard_died(self, generation: int, index: int) -> None:
+        """From the vigil's thread: shard `index` of group `generation` died. Its collectives will
+        never be answered, and on NCCL nothing times out those a decode step replays from a CUDA
+        graph, so the group is aborted here, and on the surviving shards: the step thread's wait
+        ends, it sees the death (`_try_step`) and fails over."""
+        with self._group_lock:
+            if generation != self.generation:
+                return  # a shard of a group re-formed since, or removed from it
+            first = not self._died
+            self._died[index] = "died"
+            survivors = [shard for i, shard in enumerate(self.shards) if i != index]
+            if first:
+                abort_group_soon()
+        if first:
+            for shard in survivors:
+                shard.abort_collectives.remote(generation)
 
     def _install(self, placement: ExpertPlacement) -> None:
         """The router's side of a placement: each layer's dispatch map, swapped between steps."""
@@ -215,8 +240,8 @@ class Router:
         live shard's step call ends at once (its collective lost the router); a call that has not
         ended within a few seconds belongs to a shard that is dead (its node may not be declared
         dead yet) or hung, and is replaced either way."""
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=min(5.0, self.timeout_s))
-        dead = {}
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=min(5.0, self.timeout_s)) if refs else ([], [])
+        dead = dict(self._died)
         for i, ref in enumerate(refs):
             if ref not in ready:
                 dead[i] = "no answer"
@@ -230,11 +255,13 @@ class Router:
         return dead
 
     def _try_step(self, tokens: torch.Tensor, layout: StepLayout, caches: list[KVCache] | None,
-                  logits_at: torch.Tensor | None) -> torch.Tensor:
+                  logits_at: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One attempt: the logits and the routed load, once the step's device work is done."""
         graphed = self.graphs is not None and caches is self.graphs.slot_caches
         key = self.graphs.graph_key(tokens, layout) if graphed else None
         refs: list = []
         try:
+            self._raise_if_died()
             if key is not None:  # before this step's shard calls: a capture's warm-ups bring their own
                 self.graphs.prepare(key)
             rows_per_shard = self._fixed_rows(key[0] if key is not None else tokens.numel())
@@ -242,12 +269,18 @@ class Router:
             logits = self.graphs(tokens, layout, caches, logits_at) if graphed else \
                 self.model(tokens, layout, caches, logits_at)
             ray.get(refs, timeout=self.timeout_s)
+            load = self.model.expert_load().cpu()  # waits for the step's device work
+            self._raise_if_died()  # during the step: what it computed is not to be trusted
         except Exception as exc:
             self._leave_group()  # unblocks the surviving shards' collectives
             dead = self._dead_shards(refs or self._peer_refs)
             names = [f"shard {i} ({reason})" for i, reason in dead.items()] or ["a shard's collective"]
             raise ShardFailure(f"{', '.join(names)} failed: {str(exc).splitlines()[0][:200]}", list(dead)) from exc
-        return logits
+        return logits, load
+
+    def _raise_if_died(self) -> None:
+        if self._died:
+            raise RuntimeError(f"shards {sorted(self._died)} died (their collectives were aborted)")
 
     def _fixed_rows(self, n_tokens: int) -> int | None:
         """Each shard's fixed row count for a step of n_tokens (see FIXED_EXCHANGE_MAX_ROWS), given
@@ -279,7 +312,7 @@ class Router:
                 for attempt in range(self.elastic.failover_retries + 1):
                     self._step_since = time.monotonic()  # a failover between attempts has its own timeouts
                     try:
-                        logits = self._try_step(tokens, layout, caches, logits_at)
+                        logits, load = self._try_step(tokens, layout, caches, logits_at)
                         break
                     except ShardFailure as failure:
                         self._step_since = None
@@ -287,7 +320,6 @@ class Router:
                             self._failure = str(failure)
                             raise
                         self._fail_over(failure)
-                load = self.model.expert_load().cpu()  # waits for the step's device work
             finally:
                 self._step_since = None
             self.total_load += load
@@ -646,6 +678,7 @@ class Router:
         """Stops the loop and the shards. The router's own group handle goes with its process:
         tearing down an NCCL communicator whose peers are being killed can block."""
         self.controller.stop()
+        self.vigil.stop()
         with self._cond:
             self._closed = True
             self._cond.notify_all()

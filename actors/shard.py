@@ -7,19 +7,23 @@ Re-placement is two-phase so serving goes on while weights load: `prepare` (its 
 concurrency group, so it runs beside steps) builds the new expert stacks, reusing the experts
 the shard already holds and reading the others from the weight source; `commit` (between
 steps, in the default group like `run_step`) swaps them in and frees the old ones. `node_id`
-and `stats` answer from a third group, so status queries never wait behind a step.
+and `stats` answer from a third group, so status queries never wait behind a step; `vigil`
+(a fourth) runs for as long as the shard is in a group, so the router learns of its death at once
+(`actors/vigil.py`).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 
 import psutil
 import ray
 import torch
 
 from actors.shard_graphs import StepGraphs
-from actors.transport import GroupSpec, graph_buckets, join_group, leave_group, shard_serve_layer
+from actors.transport import (GroupSpec, abort_group_soon, graph_buckets, join_group, leave_group,
+                              shard_serve_layer)
 from actors.weights import EXPERT_NAMES, WeightSource
 from model.config import ModelConfig
 from model.grouped import native_kernel_serves
@@ -36,6 +40,7 @@ class ExpertShard:
         self.experts: list[RoutedExperts] = []
         self.load: list[torch.Tensor] = []
         self._pending: tuple[list[list[int]], list[RoutedExperts]] | None = None
+        self._group: tuple[int, threading.Event] | None = None  # generation of the group joined, set on leaving
         # on GPU, fixed-size steps (decode) replayed as CUDA graphs, one per row count (the row
         # counts of the router's replayed steps only: other small steps vary in size), where the
         # expert products read no counts on the host: a capture would fail and the router's
@@ -85,12 +90,32 @@ class ExpertShard:
             torch.cuda.empty_cache()
 
     def join(self, spec: GroupSpec, rank: int) -> None:
-        self._drop_graphs()  # before the old communicator goes: they hold its work
+        self.leave()
         join_group(spec, rank)
+        self._group = (spec.generation, threading.Event())
 
     def leave(self) -> None:
-        self._drop_graphs()
+        if self._group is not None:
+            self._group[1].set()  # ends the vigil call: the shard left, it did not die
+            self._group = None
+        self._drop_graphs()  # before the old communicator goes: they hold its work
         leave_group()
+
+    @ray.method(concurrency_group="vigil")
+    def vigil(self, generation: int) -> None:
+        """Returns when this shard leaves the group of `generation`; fails when its process dies,
+        which is what the router waits for (`actors/vigil.py`)."""
+        group = self._group
+        if group is not None and group[0] == generation:
+            group[1].wait()
+
+    @ray.method(concurrency_group="info")
+    def abort_collectives(self, generation: int) -> None:
+        """A peer of group `generation` died: end this shard's collectives waiting for it, so a
+        step call blocked behind them returns and the shard can join the next group."""
+        group = self._group
+        if group is not None and group[0] == generation:
+            abort_group_soon()
 
     def _drop_graphs(self) -> None:
         if self.graphs is not None:
@@ -136,4 +161,4 @@ class ExpertShard:
         return stats
 
 
-ExpertShardActor = ray.remote(concurrency_groups={"load": 1, "info": 1})(ExpertShard)
+ExpertShardActor = ray.remote(concurrency_groups={"load": 1, "info": 1, "vigil": 2})(ExpertShard)

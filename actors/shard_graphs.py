@@ -50,7 +50,10 @@ class StepGraphs:
 
     def clear(self) -> None:
         """Forget every graph: the stacks, the load buffers or the communicator they captured
-        changed. Their memory pool goes with the last of them, so later captures need a new one."""
+        changed. Their memory pool goes with the last of them, so later captures need a new one.
+        Destroyed here, not when the last reference goes: see `DecodeGraphs.clear`."""
+        for graph in self.graphs.values():
+            graph.reset()
         self.graphs.clear()
         self.served.clear()
         self.pool = torch.cuda.graph_pool_handle()

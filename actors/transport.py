@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -83,12 +84,47 @@ def join_group(spec: GroupSpec, rank: int, store: dist.Store | None = None) -> N
     dist.init_process_group(spec.backend, store=store, rank=rank, world_size=spec.world_size, timeout=timeout)
 
 
+# The abort started by `abort_group_soon`, if any: the process group is process-wide, and so is this.
+_aborting: threading.Thread | None = None
+_aborting_lock = threading.Lock()
+ABORT_WAIT_S = 60.0  # an abort returns in under a second once no CUDA graph holds the communicator
+
+
+def abort_group_soon() -> None:
+    """From any thread: start aborting this process's NCCL group, and return at once.
+
+    NCCL does not fail a collective whose peer died; its kernels wait on the GPU, and so does any
+    host read behind them. The abort ends those kernels at once (the read returns, with garbage),
+    but the call itself returns only once no CUDA graph that captured the communicator's work
+    still exists (`benchmarks/nccl_abort_probe.py`: a graph kept alive, no return in 15 s;
+    destroyed, 0.5 s). The graphs belong to the thread waiting on the read, which destroys them
+    once it returns; so the abort runs on a thread of its own, and `leave_group` waits for it.
+    Nothing on gloo, where a dead peer fails a collective by itself."""
+    global _aborting
+    with _aborting_lock:
+        if _aborting is None and dist.is_initialized() and dist.get_backend() == "nccl":
+            _aborting = threading.Thread(target=dist.distributed_c10d._abort_process_group,
+                                         name="moray-group-abort", daemon=True)
+            _aborting.start()
+
+
 def leave_group() -> None:
     """Leave this process's group, aborting (not finishing) whatever it still has in flight.
+    Destroy the CUDA graphs that captured its collectives first (see `abort_group_soon`).
 
     A step whose peer died leaves NCCL kernels waiting on the GPU stream. Destroying the group
     would drop the watchdog that ends them at the timeout, and every later kernel (the next
     group's too) would queue behind them forever; aborting the communicator ends them now."""
+    global _aborting
+    aborting = _aborting
+    if aborting is not None:
+        aborting.join(timeout=ABORT_WAIT_S)
+        if aborting.is_alive():
+            raise RuntimeError(f"aborting the NCCL group did not end within {ABORT_WAIT_S:.0f} s; "
+                               "a CUDA graph that captured its collectives may still exist")
+        with _aborting_lock:
+            _aborting = None
+        return
     if not dist.is_initialized():
         return
     if dist.get_backend() == "nccl":

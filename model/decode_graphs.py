@@ -62,7 +62,11 @@ class DecodeGraphs:
 
     def clear(self) -> None:
         """Forget every graph: what they captured (a process group, the model's buffers) changed.
-        Their memory pool goes with the last of them, so later captures need a new one."""
+        Their memory pool goes with the last of them, so later captures need a new one. Each is
+        destroyed here, not when the last reference goes (a traceback may hold one): an NCCL
+        communicator cannot be aborted while a graph holds its work (`actors/transport.py`)."""
+        for graph, _ in self.graphs.values():
+            graph.reset()
         self.graphs.clear()
         self.pool = torch.cuda.graph_pool_handle()
 

@@ -7,6 +7,7 @@ spread across its nodes and talk over gloo.
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import threading
 import time
@@ -19,6 +20,7 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 
 from actors.router import ShardFailure
 from actors.transport import FIXED_EXCHANGE_MAX_ROWS
+from actors.vigil import Vigil
 from cluster.sharded import RouterStuck, ShardedModel
 from model.checkpoint import save_checkpoint
 from model.generate import SamplingParams
@@ -140,6 +142,27 @@ def test_killed_shard_is_an_error_then_replacement_restores_logits(cluster, seed
         sharded.replace_shard(1)
         check_equal(sharded, model, seed + 1)
         assert sharded.stats()["generation"] == 2
+
+
+def test_vigil_reports_a_dead_shard_at_once_and_not_one_that_left(cluster, seed):
+    """What the router's NCCL failover waits on (`actors/vigil.py`): a shard's vigil call fails as
+    soon as its process dies, and ends quietly when the shard leaves its group."""
+    cfg, _ = reference("tiny", seed)
+    with ShardedModel.create(cfg, num_shards=2, seed=seed) as sharded:
+        shards, generation = sharded.shard_handles(), sharded.stats()["generation"]
+        deaths: queue.Queue = queue.Queue()
+        vigil = Vigil(lambda gen, index: deaths.put((gen, index)), poll_s=0.1)
+        try:
+            vigil.watch(generation, shards)
+            ray.get(shards[0].leave.remote())
+            killed = time.monotonic()
+            ray.kill(shards[1], no_restart=True)
+            assert deaths.get(timeout=20) == (generation, 1)
+            print(f"death reported {time.monotonic() - killed:.2f} s after the kill")
+            with pytest.raises(queue.Empty):  # the shard that left is not reported
+                deaths.get(timeout=1.0)
+        finally:
+            vigil.stop()
 
 
 def test_a_stuck_step_is_an_error_not_a_call_that_never_returns(cluster, seed, tmp_path):
