@@ -58,6 +58,8 @@ class Vigil:
                 try:
                     ray.get(call)  # returned: the shard left the group, as asked
                 except RayActorError:
+                    if self._stopped.is_set():
+                        return  # the shards are being shut down
                     log.warning("shard %d of group %d died", index, generation)
                     self.on_death(generation, index)
                 except RayError as exc:  # not a death: nothing to abort for it
