@@ -221,6 +221,7 @@ class Router:
             survivors = [shard for i, shard in enumerate(self.shards) if i != index]
             if first:
                 abort_group_soon()
+        log.warning("shard %d of group %d died%s", index, generation, "; aborting the group's collectives" if first else "")
         if first:
             for shard in survivors:
                 shard.abort_collectives.remote(generation)

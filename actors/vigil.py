@@ -60,7 +60,6 @@ class Vigil:
                 except RayActorError:
                     if self._stopped.is_set():
                         return  # the shards are being shut down
-                    log.warning("shard %d of group %d died", index, generation)
-                    self.on_death(generation, index)
+                    self.on_death(generation, index)  # which says whether it matters (a removed shard's does not)
                 except RayError as exc:  # not a death: nothing to abort for it
                     log.warning("vigil of shard %d ended with %s", index, type(exc).__name__)
