@@ -90,8 +90,7 @@ class Router:
         self._state_lock = threading.Lock()  # shards, their nodes and the placement change together
         self._group_lock = threading.Lock()  # the group's generation and the deaths seen in it change together
         self._died: dict[int, str] = {}  # shards of this group seen dead by the vigil
-        # NCCL does not fail a collective whose peer died: watch for deaths instead (actors/vigil.py)
-        self.vigil = Vigil(self._shard_died)
+        self.vigil: Vigil | None = None  # started once the router is built (below)
         self._form_group()
 
         self.total_load = torch.zeros(cfg.n_moe_layers, cfg.moe.n_routed_experts, dtype=torch.long)
@@ -111,6 +110,9 @@ class Router:
         self._closed = False
         self._loop = threading.Thread(target=self._serve_loop, name="moray-router-loop", daemon=True)
         self._loop.start()
+        # NCCL does not fail a collective whose peer died: watch for deaths instead (actors/vigil.py)
+        self.vigil = Vigil(self._shard_died)
+        self.vigil.watch(self.generation, self.shards)
         self.controller = Controller(self, self.elastic)
 
     # --- building ---------------------------------------------------------------------------
@@ -197,7 +199,8 @@ class Router:
         joins = [shard.join.remote(rendezvous.spec, rank) for rank, shard in enumerate(self.shards, start=1)]
         join_group(rendezvous.spec, 0, rendezvous.store)
         ray.get(joins, timeout=self.timeout_s)
-        self.vigil.watch(self.generation, self.shards)
+        if self.vigil is not None:
+            self.vigil.watch(self.generation, self.shards)
         self._rendezvous = rendezvous  # the store must outlive the group
         self._failure = None
 
@@ -225,6 +228,23 @@ class Router:
         if first:
             for shard in survivors:
                 shard.abort_collectives.remote(generation)
+            if self.elastic.failover:
+                threading.Thread(target=self._heal, args=(generation,), name="moray-heal", daemon=True).start()
+
+    def _heal(self, generation: int) -> None:
+        """Replace the shards of group `generation` that died, now: a shard that dies between
+        requests is replaced before the next one comes, which then waits for nothing. A step in
+        progress fails over by itself first (it holds the step lock), and then this finds the
+        group re-formed and does nothing; if the replacement fails, the model is down with the
+        reason and the next step tries again, as after a step's own failover."""
+        with self._step_lock:
+            if generation != self.generation or not self._died or self._failure or self._closed:
+                return
+            dead = sorted(self._died)
+            try:
+                self._fail_over(ShardFailure(f"shards {dead} died", dead))
+            except ShardFailure:
+                pass  # recorded in the status and the events; steps report it
 
     def _install(self, placement: ExpertPlacement) -> None:
         """The router's side of a placement: each layer's dispatch map, swapped between steps."""
@@ -680,7 +700,8 @@ class Router:
         """Stops the loop and the shards. The router's own group handle goes with its process:
         tearing down an NCCL communicator whose peers are being killed can block."""
         self.controller.stop()
-        self.vigil.stop()
+        if self.vigil is not None:
+            self.vigil.stop()
         with self._cond:
             self._closed = True
             self._cond.notify_all()

@@ -143,7 +143,9 @@ class ExpertShard:
 
     @ray.method(concurrency_group="info")
     def stats(self) -> dict:
-        """Tokens each held expert has processed (since the last placement), and what the shard occupies."""
+        """Rows each held expert has computed (since the last placement), and what the shard
+        occupies. A decode step replayed as a graph pads its batch up to a bucket, and the padding
+        rows are computed here too: the routed-token load is the router's (`Router.stats`)."""
         param_bytes = sum(p.numel() * p.element_size() for s in self.experts for p in s.parameters())
         stats = {
             "node_id": ray.get_runtime_context().get_node_id(),

@@ -165,6 +165,25 @@ def test_vigil_reports_a_dead_shard_at_once_and_not_one_that_left(cluster, seed)
             vigil.stop()
 
 
+def test_a_shard_that_dies_between_requests_is_replaced_before_the_next(cluster, seed, tmp_path):
+    """Its vigil reports the death and the router fails over at once, with no request to fail:
+    the status shows the failover and every shard alive without a step having run, and the next
+    request gets the single-process logits."""
+    cfg, model = reference("tiny", seed)
+    ckpt = save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict())
+    with ShardedModel.create(str(ckpt), num_shards=2) as sharded:
+        check_equal(sharded, model, seed)
+        ray.kill(sharded.shard_handles()[1], no_restart=True)
+        deadline, status = time.monotonic() + 60, sharded.elastic_status()
+        while not status["events"] and time.monotonic() < deadline:  # bounded: a minute at most
+            time.sleep(0.5)
+            status = sharded.elastic_status()
+        assert [(e["action"], e["ok"]) for e in status["events"]] == [("failover", True)], status["events"]
+        assert "shards [1] died" in status["events"][0]["message"]
+        assert all(s["alive"] for s in status["shards"]) and sharded.stats()["generation"] == 2
+        check_equal(sharded, model, seed + 1)
+
+
 def test_a_stuck_step_is_an_error_not_a_call_that_never_returns(cluster, seed, tmp_path):
     """A shard process stopped (SIGSTOP) holds the router's step in its collective (gloo waits up
     to the 60 s timeout): past `stuck_step_s` generate raises RouterStuck instead of waiting. Once
