@@ -38,7 +38,7 @@ class ExpertShard:
         self.dtype = getattr(torch, dtype)
         self.expert_ids: list[list[int]] = []
         self.experts: list[RoutedExperts] = []
-        self.load: list[torch.Tensor] = []
+        self.rows: list[torch.Tensor] = []  # rows each held expert computed, per layer
         self._pending: tuple[list[list[int]], list[RoutedExperts]] | None = None
         self._group: tuple[int, threading.Event] | None = None  # generation of the group joined, set on leaving
         # on GPU, fixed-size steps (decode) replayed as CUDA graphs, one per row count (the row
@@ -82,10 +82,10 @@ class ExpertShard:
         """Switch to the prepared stacks; the old ones are freed. Load counters restart."""
         if self._pending is None:
             raise RuntimeError("commit without a prepared placement")
-        self._drop_graphs()  # they captured the old stacks and load buffers
+        self._drop_graphs()  # they captured the old stacks and row counters
         self.expert_ids, self.experts = self._pending
         self._pending = None
-        self.load = [torch.zeros(len(ids), dtype=torch.long, device=self.device) for ids in self.expert_ids]
+        self.rows = [torch.zeros(len(ids), dtype=torch.long, device=self.device) for ids in self.expert_ids]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -128,11 +128,11 @@ class ExpertShard:
     @torch.no_grad()
     def run_step(self, rows_per_shard: int | None = None) -> None:
         """Serve every MoE layer of one forward step, in layer order (with the router's fixed row
-        count for small steps: see `router_dispatch`). The load is added up on the device, so
-        nothing here waits for the device. Fixed-size steps on GPU replay a CUDA graph."""
+        count for small steps: see `router_dispatch`). The rows computed are added up on the
+        device, so nothing here waits for the device. Fixed-size steps on GPU replay a CUDA graph."""
         def serve() -> None:
             for i, stack in enumerate(self.experts):
-                self.load[i] += shard_serve_layer(stack.n_experts, self.cfg.dim, self.dtype, self.device, stack,
+                self.rows[i] += shard_serve_layer(stack.n_experts, self.cfg.dim, self.dtype, self.device, stack,
                                                   rows_per_shard)
 
         if self.graphs is not None and rows_per_shard in self.graph_rows:
@@ -143,15 +143,16 @@ class ExpertShard:
 
     @ray.method(concurrency_group="info")
     def stats(self) -> dict:
-        """Rows each held expert has computed (since the last placement), and what the shard
-        occupies. A decode step replayed as a graph pads its batch up to a bucket, and the padding
-        rows are computed here too: the routed-token load is the router's (`Router.stats`)."""
+        """Rows each held expert has computed since the last placement (its work), and what the
+        shard occupies. Rows, not routed tokens: a decode step replayed as a graph pads its batch
+        up to a bucket and the padding rows are computed here too, so the routed-token load that
+        placement and scaling read is the router's (`Router.stats`, exact)."""
         param_bytes = sum(p.numel() * p.element_size() for s in self.experts for p in s.parameters())
         stats = {
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
             "expert_ids": self.expert_ids,
-            "expert_load": [load.tolist() for load in self.load],
+            "expert_rows": [rows.tolist() for rows in self.rows],
             "steps": self.steps,
             "param_bytes": param_bytes,
             "rss_bytes": psutil.Process().memory_info().rss,

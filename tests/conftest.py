@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 
 import pytest
 import torch
@@ -44,3 +45,14 @@ def build_model(cfg: ModelConfig, seed: int) -> Transformer:
     for moe in model.all_moe():
         moe.expert_bias.normal_(0, 0.05)
     return model
+
+
+def wait_for_events(sharded, count: int = 1, timeout_s: float = 60) -> list[dict]:
+    """The sharded model's elastic events once there are `count` (the controller and a
+    vigil-started failover act on threads of their own), polled for at most timeout_s: a bounded
+    loop, never a hang."""
+    deadline, events = time.monotonic() + timeout_s, sharded.elastic_status()["events"]
+    while len(events) < count and time.monotonic() < deadline:
+        time.sleep(0.5)
+        events = sharded.elastic_status()["events"]
+    return events

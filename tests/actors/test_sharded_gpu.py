@@ -13,7 +13,7 @@ import torch
 from cluster.sharded import ShardedModel
 from model.checkpoint import save_checkpoint
 from model.generate import SamplingParams
-from tests.conftest import build_model, tiny_config
+from tests.conftest import build_model, tiny_config, wait_for_events
 from tests.routing_ties import untied_prompts, untied_tokens
 
 pytestmark = pytest.mark.gpu
@@ -105,10 +105,11 @@ def test_nccl_decode_graphs_generate_the_single_process_tokens(gpu_ray, seed, tm
 
 
 def test_nccl_failover_after_graph_decode_gives_the_single_process_tokens(gpu_ray, seed, tmp_path):
-    """The shard dies after decode steps replayed from graphs; the next generation fails over to a
-    new shard (graphs captured anew for the new group) and gives the single-process tokens. The
-    graphs are destroyed before the communicator is aborted: an abort does not return while a
-    graph holds its work (`actors/transport.abort_group_soon`)."""
+    """The shard dies between generations, after decode steps replayed from graphs: its vigil
+    reports the death and the router fails over at once, on the vigil's thread, to a new shard,
+    before any request comes; the next generation (graphs captured anew for the new group) gives
+    the single-process tokens. The graphs are destroyed before the communicator is aborted: an
+    abort does not return while a graph holds its work (`actors/transport.abort_group_soon`)."""
     cfg = tiny_config("tiny")
     model = build_model(cfg, seed)
     params = SamplingParams(max_new_tokens=12, temperature=0.0)
@@ -117,7 +118,11 @@ def test_nccl_failover_after_graph_decode_gives_the_single_process_tokens(gpu_ra
     with ShardedModel.create(str(ckpt), num_shards=1, use_gpu=True, timeout_s=20) as sharded:
         assert sharded.generate(prompts, params) == expected
         ray.kill(sharded.shard_handles()[0], no_restart=True)
+        events = wait_for_events(sharded)
+        assert [(e["action"], e["ok"]) for e in events] == [("failover", True)], events
+        assert sharded.stats()["generation"] == 2
         assert sharded.generate(prompts, params) == expected
+        assert sharded.stats()["decode_graphs"] > 0  # captured again for the new group
 
 
 def test_nccl_failover_does_not_wait_for_the_collective_timeout(gpu_ray, seed, tmp_path):

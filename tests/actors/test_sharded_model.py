@@ -25,7 +25,7 @@ from cluster.sharded import RouterStuck, ShardedModel
 from model.checkpoint import save_checkpoint
 from model.generate import SamplingParams
 from model.transformer import Transformer
-from tests.conftest import build_model, tiny_config
+from tests.conftest import build_model, tiny_config, wait_for_events
 from tests.routing_ties import untied_prompts, untied_tokens
 
 TOL = 1e-5
@@ -67,7 +67,7 @@ def test_shards_equal_single_process(cluster, preset, shards, seed, tmp_path):
         router_load = sharded.expert_load()
         shard_load = torch.zeros_like(router_load)
         for s in stats:
-            for layer, (ids, load) in enumerate(zip(s["expert_ids"], s["expert_load"])):
+            for layer, (ids, load) in enumerate(zip(s["expert_ids"], s["expert_rows"])):
                 shard_load[layer, ids] += torch.tensor(load)
         assert torch.equal(shard_load, router_load) and router_load.sum() > 0
         assert all(s["param_bytes"] > 0 and s["rss_bytes"] > 0 for s in stats)
@@ -174,13 +174,10 @@ def test_a_shard_that_dies_between_requests_is_replaced_before_the_next(cluster,
     with ShardedModel.create(str(ckpt), num_shards=2) as sharded:
         check_equal(sharded, model, seed)
         ray.kill(sharded.shard_handles()[1], no_restart=True)
-        deadline, status = time.monotonic() + 60, sharded.elastic_status()
-        while not status["events"] and time.monotonic() < deadline:  # bounded: a minute at most
-            time.sleep(0.5)
-            status = sharded.elastic_status()
-        assert [(e["action"], e["ok"]) for e in status["events"]] == [("failover", True)], status["events"]
-        assert "shards [1] died" in status["events"][0]["message"]
-        assert all(s["alive"] for s in status["shards"]) and sharded.stats()["generation"] == 2
+        events = wait_for_events(sharded)
+        assert [(e["action"], e["ok"]) for e in events] == [("failover", True)], events
+        assert "shards [1] died" in events[0]["message"]
+        assert all(s["alive"] for s in sharded.elastic_status()["shards"]) and sharded.stats()["generation"] == 2
         check_equal(sharded, model, seed + 1)
 
 
@@ -245,7 +242,7 @@ def test_replicas_and_live_replacement_keep_logits(cluster, seed, tmp_path):
         per_expert = torch.zeros(cfg.n_moe_layers, cfg.moe.n_routed_experts, dtype=torch.long)
         copies_used = 0
         for s in sharded.shard_stats():
-            for layer, (ids, load) in enumerate(zip(s["expert_ids"], s["expert_load"])):
+            for layer, (ids, load) in enumerate(zip(s["expert_ids"], s["expert_rows"])):
                 per_expert[layer, ids] += torch.tensor(load)
                 copies_used += sum(1 for e, n in zip(ids, load) if n > 0)
         assert per_expert.sum() > 0 and copies_used > cfg.n_moe_layers * cfg.moe.n_routed_experts - 4
@@ -327,15 +324,12 @@ def test_controller_rebalances_a_skewed_load(cluster, seed, tmp_path):
                "redundant_experts": 3}
     with ShardedModel.create(str(ckpt), num_shards=2, elastic=elastic) as sharded:
         assert sharded.generate(prompts, params) == expected
-        deadline = time.time() + 60
-        while time.time() < deadline and not sharded.elastic_status()["events"]:
-            time.sleep(0.5)
-        event = sharded.elastic_status()["events"][0]
+        event = wait_for_events(sharded)[0]
         assert event["action"] == "auto-rebalance" and event["ok"], event
         print(f"imbalance: contiguous {event['before']['imbalance']:.3f} -> rebalanced {event['after']['imbalance']:.3f}")
         assert event["before"]["imbalance"] > 1.3 and event["after"]["imbalance"] <= 1.15
         assert sharded.generate(prompts, params) == expected
-        measured = [sum(sum(layer) for layer in s["expert_load"]) for s in sharded.shard_stats()]
+        measured = [sum(sum(layer) for layer in s["expert_rows"]) for s in sharded.shard_stats()]
         assert max(measured) / (sum(measured) / len(measured)) <= 1.15, measured
 
 
@@ -355,10 +349,7 @@ def test_controller_scales_shards_by_load(cluster, seed):
             answers.append(sharded.generate(prompts, params))
             if sharded.elastic_status()["events"]:
                 break
-        deadline = time.time() + 90
-        while time.time() < deadline and len(sharded.elastic_status()["events"]) < 2:
-            time.sleep(0.5)
-        events = sharded.elastic_status()["events"]
+        events = wait_for_events(sharded, count=2, timeout_s=90)
         assert [(e["action"], e["message"], e["ok"]) for e in events] == [
             ("auto-scale", "2 -> 3 shards", True), ("auto-scale", "3 -> 2 shards", True)], events
         assert all(a == expected for a in answers) and sharded.generate(prompts, params) == expected
