@@ -386,13 +386,16 @@ class Router:
             with self._state_lock:
                 for i, (shard, node, bundle) in zip(dead, started_shards):
                     self.shards[i], self.shard_nodes[i], self.shard_bundles[i] = shard, node, bundle
+            up = time.time()
             self._form_group()
         except Exception as exc:
             self._failure = f"{failure}; no replacement: {str(exc).splitlines()[0][:300]}"
             self._failed_at, self._failed_shards, self._failed_cause = time.time(), dead, str(failure)
             self._record("failover", started, before, False, self._failure)
             raise ShardFailure(self._failure, dead) from exc
-        self._record("failover", started, before, True, f"{failure}; replaced shards {dead}")
+        # where the time went: the new shards' start (process, device, experts), then the group
+        self._record("failover", started, before, True, f"{failure}; replaced shards {dead} (started in "
+                     f"{up - started:.2f} s, group re-formed in {time.time() - up:.2f} s)")
 
     # --- load, events, re-placement -----------------------------------------------------------
 

@@ -148,7 +148,7 @@ def main() -> None:
 
     def event(name: str, action, baseline: str) -> None:
         t0 = time.perf_counter()
-        duration = action()
+        duration, message = action()
         t1 = time.perf_counter()
         clients.wait_answered(t1)
         lat = clients.window(t0, t1)
@@ -156,15 +156,16 @@ def main() -> None:
         rows.append({"phase": name, "duration_s": duration, "requests": len(lat),
                      "p50_s": statistics.median(lat) if lat else float("nan"), "p99_s": percentile(lat, 0.99),
                      "p99_vs_steady": percentile(lat, 0.99) / base["p99_s"], "tokens_per_s": None,
-                     "imbalance": model.elastic_status()["imbalance"]})
+                     "imbalance": model.elastic_status()["imbalance"], "message": message})
         print(json.dumps(rows[-1]), flush=True)
 
-    def checked(result: dict) -> float:
+    def checked(result: dict) -> tuple[float, str]:
+        """The event's duration and its message (a failover's says where its time went)."""
         if not result["ok"]:
             raise RuntimeError(f"{result['action']} failed: {result['message']}")
-        return result["duration_s"]
+        return result["duration_s"], result["message"]
 
-    def kill_and_recover() -> float:
+    def kill_and_recover() -> tuple[float, str]:
         """From the kill to the end of the failover (wall clock: events carry time.time())."""
         killed = time.time()
         ray.kill(model.shard_handles()[0], no_restart=True)
@@ -173,8 +174,7 @@ def main() -> None:
                 raise RuntimeError("no failover within 300 s")
             time.sleep(0.05)
         failover = [e for e in model.elastic_status()["events"] if e["action"] == "failover"][-1]
-        checked(failover)
-        return failover["time"] + failover["duration_s"] - killed
+        return failover["time"] + failover["duration_s"] - killed, checked(failover)[1]
 
     try:
         steady("steady, contiguous")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import threading
 import time
@@ -177,6 +178,10 @@ def test_a_shard_that_dies_between_requests_is_replaced_before_the_next(cluster,
         events = wait_for_events(sharded)
         assert [(e["action"], e["ok"]) for e in events] == [("failover", True)], events
         assert "shards [1] died" in events[0]["message"]
+        # and where its time went, within the event's duration
+        parts = re.search(r"replaced shards \[1\] \(started in ([\d.]+) s, group re-formed in ([\d.]+) s\)",
+                          events[0]["message"])
+        assert parts and sum(map(float, parts.groups())) <= events[0]["duration_s"] + 0.01, events[0]["message"]
         assert all(s["alive"] for s in sharded.elastic_status()["shards"]) and sharded.stats()["generation"] == 2
         check_equal(sharded, model, seed + 1)
 
