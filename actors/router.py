@@ -287,8 +287,14 @@ class Router:
                 self.graphs.prepare(key)
             rows_per_shard = self._fixed_rows(key[0] if key is not None else tokens.numel())
             refs = [shard.run_step.remote(rows_per_shard) for shard in self.shards]
-            logits = self.graphs(tokens, layout, caches, logits_at) if graphed else \
-                self.model(tokens, layout, caches, logits_at)
+            if graphed:
+                # the replay and the vigil's abort one at a time (the replay only queues work): a
+                # replay queued once the abort has begun could wait for the dead shard for ever
+                with self._group_lock:
+                    self._raise_if_died()
+                    logits = self.graphs(tokens, layout, caches, logits_at)
+            else:
+                logits = self.model(tokens, layout, caches, logits_at)
             ray.get(refs, timeout=self.timeout_s)
             load = self.model.expert_load().cpu()  # waits for the step's device work
             self._raise_if_died()  # during the step: what it computed is not to be trusted

@@ -41,6 +41,8 @@ class ExpertShard:
         self.rows: list[torch.Tensor] = []  # rows each held expert computed, per layer
         self._pending: tuple[list[list[int]], list[RoutedExperts]] | None = None
         self._group: tuple[int, threading.Event] | None = None  # generation of the group joined, set on leaving
+        # a graph step's launch and the group's abort one at a time; the generation aborted
+        self._launch_lock, self._aborted = threading.Lock(), None
         # on GPU, fixed-size steps (decode) replayed as CUDA graphs, one per row count (the row
         # counts of the router's replayed steps only: other small steps vary in size), where the
         # expert products read no counts on the host: a capture would fail and the router's
@@ -113,9 +115,11 @@ class ExpertShard:
     def abort_collectives(self, generation: int) -> None:
         """A peer of group `generation` died: end this shard's collectives waiting for it, so a
         step call blocked behind them returns and the shard can join the next group."""
-        group = self._group
-        if group is not None and group[0] == generation:
-            abort_group_soon()
+        with self._launch_lock:
+            group = self._group
+            if group is not None and group[0] == generation:
+                self._aborted = generation
+                abort_group_soon()
 
     def _drop_graphs(self) -> None:
         if self.graphs is not None:
@@ -136,7 +140,12 @@ class ExpertShard:
                                                   rows_per_shard)
 
         if self.graphs is not None and rows_per_shard in self.graph_rows:
-            self.graphs.run(rows_per_shard, serve)
+            # queues work only, never waits on the device: so under the lock the abort takes,
+            # and never after an abort (its collectives could wait for a dead peer for ever)
+            with self._launch_lock:
+                if self._group is not None and self._aborted == self._group[0]:
+                    raise RuntimeError(f"group {self._aborted}'s collectives were aborted: a peer died")
+                self.graphs.run(rows_per_shard, serve)
         else:
             serve()
         self.steps += 1

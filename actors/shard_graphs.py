@@ -42,9 +42,13 @@ class StepGraphs:
             return
         if graph is None:
             graph = torch.cuda.CUDAGraph()
-            # thread-local: the shard's status thread keeps reading its load meanwhile
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                step()
+            try:
+                # thread-local: the shard's status thread keeps reading its load meanwhile
+                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                    step()
+            except BaseException:
+                graph.reset()  # a failed capture may hold the communicator's work too
+                raise
             self.graphs[rows] = graph
         graph.replay()
 

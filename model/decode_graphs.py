@@ -110,9 +110,13 @@ class DecodeGraphs:
                         step()
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            # thread-local: a caller's other threads (a router's status queries) keep using the device
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                io["logits"] = step()
+            try:
+                # thread-local: a caller's other threads (a router's status queries) keep using the device
+                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                    io["logits"] = step()
+            except BaseException:
+                graph.reset()  # a failed capture may hold a communicator's work too (`clear`)
+                raise
         finally:
             for moe in moes:  # eager steps count every row
                 moe.real_rows = None
