@@ -30,6 +30,11 @@ class ElasticConfig:
     start_timeout_s: float = 60.0
     # while no replacement could be started, requests fail at once; a new try every retry_after_s
     retry_after_s: float = 10.0
+    # shards kept started without experts (process up, device initialized), each holding a GPU
+    # (or CPU) of its own: a failover or scale-out loads experts into one instead of waiting for a
+    # new process, which is nearly all of a failover's time (benchmarks/RESULTS.md); refilled in
+    # the background
+    standby_shards: int = 0
     # a step attempt running longer than this marks the Serve replica unhealthy, so Serve replaces
     # it (0: three collective timeouts); see Router.stuck_step
     stuck_step_s: float = 0.0
@@ -59,6 +64,7 @@ def check_elastic_config(cfg: ElasticConfig, where: str = "cluster.elastic") -> 
              ("interval_s", cfg.interval_s > 0, "must be > 0"),
              ("redundant_experts", cfg.redundant_experts >= 0, "must be >= 0"),
              ("failover_retries", cfg.failover_retries >= 0, "must be >= 0"),
+             ("standby_shards", cfg.standby_shards >= 0, "must be >= 0"),
              ("start_timeout_s", cfg.start_timeout_s > 0, "must be > 0"),
              ("retry_after_s", cfg.retry_after_s > 0, "must be > 0"),
              ("stuck_step_s", cfg.stuck_step_s >= 0, "must be >= 0 (0: three collective timeouts)"),

@@ -90,6 +90,10 @@ class Router:
         self._state_lock = threading.Lock()  # shards, their nodes and the placement change together
         self._group_lock = threading.Lock()  # the group's generation and the deaths seen in it change together
         self._died: dict[int, str] = {}  # shards of this group seen dead by the vigil
+        self.standby: list[tuple] = []  # (handle, node, bundle, pid) of started shards without experts
+        self._starting: set[int] = set()  # bundles of shards being started
+        self._placing_lock = threading.Lock()  # a new shard's bundle is chosen and claimed at once
+        self._refill_lock = threading.Lock()  # one standby refill at a time
         self.vigil: Vigil | None = None  # started once the router is built (below)
         self._form_group()
 
@@ -114,6 +118,7 @@ class Router:
         self.vigil = Vigil(self._shard_died)
         self.vigil.watch(self.generation, self.shards)
         self.controller = Controller(self, self.elastic)
+        self._refill_standby()
 
     # --- building ---------------------------------------------------------------------------
 
@@ -178,15 +183,78 @@ class Router:
 
     def _start_new_shards(self, experts: list[list[list[int]]], avoid: Iterable[str] = (),
                           away: Iterable[str] = ()) -> list[tuple]:
-        """(handle, node, bundle) of new shards, all up with their experts, or an error and none."""
-        taken = {b for b in self.shard_bundles if b is not None}
-        handles, bundles, planned = [], [], []
-        for ids in experts:
-            options, bundle = self._new_shard_options(avoid, away, taken, planned)
-            taken.add(bundle)
-            handles.append(self._start_shard(ids, options))
-            bundles.append(bundle)
-        return list(zip(handles, self._wait_started(handles), bundles))
+        """(handle, node, bundle) of new shards, all up with their experts, or an error and none:
+        standby shards first (`standby_shards`: they only load their experts), then new ones."""
+        ready = self._from_standby(experts, avoid)
+        try:
+            return ready + self._start_processes(experts[len(ready):], avoid, away)
+        except Exception:
+            for shard, _, _ in ready:
+                ray.kill(shard, no_restart=True)
+            raise
+
+    def _start_processes(self, experts: list[list[list[int]]], avoid: Iterable[str] = (),
+                         away: Iterable[str] = ()) -> list[tuple]:
+        with self._placing_lock:
+            taken = {b for b in self.shard_bundles if b is not None} | self._starting | \
+                {b for _, _, b, _ in self.standby if b is not None}
+            handles, bundles, planned = [], [], []
+            for ids in experts:
+                options, bundle = self._new_shard_options(avoid, away, taken, planned)
+                taken.add(bundle)
+                handles.append(self._start_shard(ids, options))
+                bundles.append(bundle)
+            claimed = {b for b in bundles if b is not None}
+            self._starting |= claimed
+        try:
+            return list(zip(handles, self._wait_started(handles), bundles))
+        finally:
+            with self._placing_lock:
+                self._starting -= claimed
+
+    def _from_standby(self, experts: list[list[list[int]]], avoid: Iterable[str]) -> list[tuple]:
+        """Standby shards (not on `avoid` nodes) that loaded the first of `experts`, as many as
+        there were; one that fails to (its process or node died) is dropped for a new process."""
+        ready: list[tuple] = []
+        while len(ready) < len(experts):
+            with self._state_lock:
+                usable = [s for s in self.standby if s[1] not in set(avoid)]
+                if not usable:
+                    break
+                self.standby.remove(usable[0])
+            shard, node, bundle, _ = usable[0]
+            try:
+                ray.get(shard.prepare.remote(experts[len(ready)]), timeout=self.elastic.start_timeout_s)
+                ray.get(shard.commit.remote(), timeout=self.timeout_s)
+            except Exception as exc:
+                log.warning("standby shard on node %s dropped: %s", node[:12], str(exc).splitlines()[0][:200])
+                ray.kill(shard, no_restart=True)
+                continue
+            ready.append((shard, node, bundle))
+        return ready
+
+    def _refill_standby(self) -> None:
+        """Start shards without experts until `standby_shards` wait, on a thread of its own: no
+        step or event waits for it. Where no resource is free it gives up until the next event."""
+        if self._closed or len(self.standby) >= self.elastic.standby_shards or \
+                not self._refill_lock.acquire(blocking=False):
+            return
+
+        def refill() -> None:
+            try:
+                while not self._closed and len(self.standby) < self.elastic.standby_shards:
+                    ((shard, node, bundle),) = self._start_processes([[[] for _ in range(self.cfg.n_moe_layers)]])
+                    pid = ray.get(shard.stats.remote(), timeout=self.timeout_s)["pid"]
+                    with self._state_lock:
+                        self.standby.append((shard, node, bundle, pid))
+                    if self._closed:
+                        ray.kill(shard, no_restart=True)
+            except Exception as exc:
+                log.warning("standby shard not started: %s", str(exc).splitlines()[0][:300])
+            finally:
+                self._refill_lock.release()
+
+        threading.Thread(target=refill, name="moray-standby", daemon=True).start()
 
     def _form_group(self) -> None:
         """Everyone leaves the old group, then joins a new one on a new store (router = rank 0)."""
@@ -387,12 +455,13 @@ class Router:
             for i in dead:
                 ray.kill(self.shards[i], no_restart=True)
                 self.shard_bundles[i] = None
+            standby_handles = [shard for shard, _, _, _ in self.standby]
             started_shards = self._start_new_shards([self.placement.shard_experts(i) for i in dead],
                                                     away=[self.shard_nodes[i] for i in dead])
             with self._state_lock:
                 for i, (shard, node, bundle) in zip(dead, started_shards):
                     self.shards[i], self.shard_nodes[i], self.shard_bundles[i] = shard, node, bundle
-            up = time.time()
+            up, from_standby = time.time(), sum(1 for shard, _, _ in started_shards if shard in standby_handles)
             self._form_group()
         except Exception as exc:
             self._failure = f"{failure}; no replacement: {str(exc).splitlines()[0][:300]}"
@@ -400,8 +469,10 @@ class Router:
             self._record("failover", started, before, False, self._failure)
             raise ShardFailure(self._failure, dead) from exc
         # where the time went: the new shards' start (process, device, experts), then the group
-        self._record("failover", started, before, True, f"{failure}; replaced shards {dead} (started in "
+        standby = f"{from_standby} from standby; " if from_standby else ""
+        self._record("failover", started, before, True, f"{failure}; replaced shards {dead} ({standby}started in "
                      f"{up - started:.2f} s, group re-formed in {time.time() - up:.2f} s)")
+        self._refill_standby()
 
     # --- load, events, re-placement -----------------------------------------------------------
 
@@ -479,8 +550,10 @@ class Router:
             for shard in removed:
                 ray.kill(shard, no_restart=True)
             after = imbalance(placement.shard_load(self.window_load()))
-            return self._record(action, started, before, True,
-                                message or f"imbalance {before['imbalance']:.3f} -> {after:.3f}")
+            event = self._record(action, started, before, True,
+                                 message or f"imbalance {before['imbalance']:.3f} -> {after:.3f}")
+        self._refill_standby()  # a scale-out may have taken standby shards
+        return event
 
     def _abandon(self, action: str, started: float, before: dict, new: dict, message: str) -> dict:
         """A re-placement that failed before the switch: new shards go, nothing else changed."""
@@ -546,6 +619,7 @@ class Router:
                         "n_experts": sum(len(ids) for ids in placement.shard_experts(i)),
                         "experts_per_layer": [len(ids) for ids in placement.shard_experts(i)]}
                        for i, (_, node, bundle) in enumerate(shards)],
+            "standby": [{"node_id": node, "bundle": bundle, "pid": pid} for _, node, bundle, pid in self.standby],
             "router_node_id": self.node_id,
             "generation": self.generation,
             "failure": self._failure,
@@ -714,7 +788,9 @@ class Router:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        for shard in self.shards:
+        with self._state_lock:
+            standby, self.standby = [shard for shard, _, _, _ in self.standby], []
+        for shard in self.shards + standby:
             ray.kill(shard, no_restart=True)
         self.shards = []
 

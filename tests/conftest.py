@@ -47,12 +47,16 @@ def build_model(cfg: ModelConfig, seed: int) -> Transformer:
     return model
 
 
-def wait_for_events(sharded, count: int = 1, timeout_s: float = 60) -> list[dict]:
-    """The sharded model's elastic events once there are `count` (the controller and a
-    vigil-started failover act on threads of their own), polled for at most timeout_s: a bounded
-    loop, never a hang."""
-    deadline, events = time.monotonic() + timeout_s, sharded.elastic_status()["events"]
-    while len(events) < count and time.monotonic() < deadline:
+def poll(read, done, timeout_s: float = 60):
+    """read() again every half second until done(value), for at most timeout_s: a bounded loop
+    (the controller, a vigil-started failover and standby refills act on threads of their own)."""
+    deadline, value = time.monotonic() + timeout_s, read()
+    while not done(value) and time.monotonic() < deadline:
         time.sleep(0.5)
-        events = sharded.elastic_status()["events"]
-    return events
+        value = read()
+    return value
+
+
+def wait_for_events(sharded, count: int = 1, timeout_s: float = 60) -> list[dict]:
+    """The sharded model's elastic events once there are `count` (or after timeout_s)."""
+    return poll(lambda: sharded.elastic_status()["events"], lambda events: len(events) >= count, timeout_s)

@@ -26,7 +26,7 @@ from cluster.sharded import RouterStuck, ShardedModel
 from model.checkpoint import save_checkpoint
 from model.generate import SamplingParams
 from model.transformer import Transformer
-from tests.conftest import build_model, tiny_config, wait_for_events
+from tests.conftest import build_model, poll, tiny_config, wait_for_events
 from tests.routing_ties import untied_prompts, untied_tokens
 
 TOL = 1e-5
@@ -184,6 +184,29 @@ def test_a_shard_that_dies_between_requests_is_replaced_before_the_next(cluster,
         assert parts and sum(map(float, parts.groups())) <= events[0]["duration_s"] + 0.01, events[0]["message"]
         assert all(s["alive"] for s in sharded.elastic_status()["shards"]) and sharded.stats()["generation"] == 2
         check_equal(sharded, model, seed + 1)
+
+
+def test_a_standby_shard_takes_a_dead_or_new_shards_place(cluster, seed, tmp_path):
+    """With `standby_shards` a shard process waits, started, without experts. When a shard dies
+    the standby loads its experts and takes its place (no process to start: nearly all of a
+    failover's time), answers stay the single-process ones, and a new standby is started behind
+    it; a scale-out takes the standby too."""
+    cfg, model = reference("tiny", seed)
+    ckpt = save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict())
+    with ShardedModel.create(str(ckpt), num_shards=2, elastic={"standby_shards": 1}) as sharded:
+        (standby,) = poll(lambda: sharded.elastic_status()["standby"], len)
+        check_equal(sharded, model, seed)
+        ray.kill(sharded.shard_handles()[1], no_restart=True)
+        events = wait_for_events(sharded)
+        assert [(e["action"], e["ok"]) for e in events] == [("failover", True)], events
+        assert "(1 from standby;" in events[0]["message"], events[0]["message"]
+        assert sharded.shard_stats()[1]["pid"] == standby["pid"]
+        check_equal(sharded, model, seed + 1)
+        (refilled,) = poll(lambda: sharded.elastic_status()["standby"], len)
+        assert refilled["pid"] != standby["pid"]
+        assert sharded.scale_shards(3)["ok"]
+        assert sharded.shard_stats()[2]["pid"] == refilled["pid"]
+        check_equal(sharded, model, seed + 2)
 
 
 def test_a_stuck_step_is_an_error_not_a_call_that_never_returns(cluster, seed, tmp_path):
