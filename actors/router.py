@@ -92,6 +92,7 @@ class Router:
         self._died: dict[int, str] = {}  # shards of this group seen dead by the vigil
         self.standby: list[tuple] = []  # (handle, node, bundle, pid) of started shards without experts
         self._starting: set[int] = set()  # bundles of shards being started
+        self._starting_shards: list = []  # and their handles (shutdown stops them too)
         self._placing_lock = threading.Lock()  # a new shard's bundle is chosen and claimed at once
         self._refill_lock = threading.Lock()  # one standby refill at a time
         self.vigil: Vigil | None = None  # started once the router is built (below)
@@ -206,11 +207,13 @@ class Router:
                 bundles.append(bundle)
             claimed = {b for b in bundles if b is not None}
             self._starting |= claimed
+            self._starting_shards.extend(handles)
         try:
             return list(zip(handles, self._wait_started(handles), bundles))
         finally:
             with self._placing_lock:
                 self._starting -= claimed
+                self._starting_shards = [h for h in self._starting_shards if h not in handles]
 
     def _from_standby(self, experts: list[list[list[int]]], avoid: Iterable[str]) -> list[tuple]:
         """Standby shards (not on `avoid` nodes) that loaded the first of `experts`, as many as
@@ -250,7 +253,8 @@ class Router:
                     if self._closed:
                         ray.kill(shard, no_restart=True)
             except Exception as exc:
-                log.warning("standby shard not started: %s", str(exc).splitlines()[0][:300])
+                if not self._closed:
+                    log.warning("standby shard not started: %s", str(exc).splitlines()[0][:300])
             finally:
                 self._refill_lock.release()
 
@@ -790,6 +794,8 @@ class Router:
             self._cond.notify_all()
         with self._state_lock:
             standby, self.standby = [shard for shard, _, _, _ in self.standby], []
+        with self._placing_lock:
+            standby += self._starting_shards
         for shard in self.shards + standby:
             ray.kill(shard, no_restart=True)
         self.shards = []

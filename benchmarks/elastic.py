@@ -17,6 +17,7 @@ skips the scale events).
 Run: python benchmarks/elastic.py --preset tiny
      python benchmarks/elastic.py --preset tiny model.moe.moe_inter_dim=2048 --prompt-len 64   # expert-bound
      python benchmarks/elastic.py --preset small --use-gpu --shards 1 --scale-to 1
+     python benchmarks/elastic.py --preset tiny --standby-shards 1   # failover and scale-out take a standby
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ def main() -> None:
     parser.add_argument("--hot", type=int, default=2, help="hot experts (selection bias raised)")
     parser.add_argument("--bias", type=float, default=0.5)
     parser.add_argument("--use-gpu", action="store_true")
+    parser.add_argument("--standby-shards", type=int, default=0,
+                        help="shards kept started without experts (each takes a GPU or CPU of its own)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
@@ -127,9 +130,13 @@ def main() -> None:
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=0.0)
     expected = None if args.use_gpu else generate(reference, prompts, params)
     ray.init(address="local", num_cpus=max(8, args.scale_to + 3), include_dashboard=False)
-    elastic = {"redundant_experts": args.hot * args.shards, "start_timeout_s": 300}
+    elastic = {"redundant_experts": args.hot * args.shards, "start_timeout_s": 300,
+               "standby_shards": args.standby_shards}
     model = ShardedModel.create(str(ckpt), num_shards=args.shards, use_gpu=args.use_gpu, elastic=elastic)
     model.generate(prompts[:1], params)  # warm up
+    deadline = time.time() + 300  # the standby shards start in the background: wait for them (bounded)
+    while len(model.elastic_status()["standby"]) < args.standby_shards and time.time() < deadline:
+        time.sleep(0.5)
     clients = Clients(model, prompts, params, args.clients)
     rows, marks = [], {}
 
@@ -199,7 +206,8 @@ def main() -> None:
         mismatches += out != want
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.node()} ({torch.get_num_threads()} torch "
             f"threads{', ' + torch.cuda.get_device_name() if args.use_gpu else ''})", "preset": args.preset,
-            "overrides": args.overrides, "prompt_len": args.prompt_len, "shards": args.shards, "scale_to": args.scale_to, "clients": args.clients, "max_tokens": args.max_tokens,
+            "overrides": args.overrides, "prompt_len": args.prompt_len, "shards": args.shards, "scale_to": args.scale_to,
+            "standby_shards": args.standby_shards, "clients": args.clients, "max_tokens": args.max_tokens,
             "hot_experts": args.hot, "requests": len(clients.done), "errors": len(clients.errors),
             "answers_differing": mismatches, "compared_with": "single-process model" if expected else "first answer"}
     print(json.dumps(meta))

@@ -357,7 +357,8 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
         print(f"experts: {experts['error']}")
         return 0
     print(f"experts of {args.app!r} (replica {experts['replica'][:8]}, {len(experts['replicas'])} replica(s)): "
-          f"{len(experts['shards'])} shards, imbalance {experts['imbalance']:.3f}, "
+          f"{len(experts['shards'])} shards ({len(experts.get('standby', []))} standby), "
+          f"imbalance {experts['imbalance']:.3f}, "
           f"controller {'on' if experts['controller']['enabled'] else 'off'}"
           f"{', FAILED: ' + experts['failure'] if experts['failure'] else ''}")
     for layer, shards in enumerate(experts["placement"]):

@@ -12,7 +12,8 @@ Keys (stable; changes are written in docs/design-notes-8.md):
                      shards), "load": [layer][expert] tokens in the sliding window, "shard_load":
                      [shard] window tokens (a replicated expert's tokens split among its copies),
                      "imbalance": max/mean shard load (float, 1.0 = even), "shards": [{"index",
-                     "node_id", "alive", "n_experts", "experts_per_layer", "bundle"}], "events":
+                     "node_id", "alive", "n_experts", "experts_per_layer", "bundle"}], "standby":
+                     [{"node_id", "bundle", "pid"}] (shards started without experts), "events":
                      [{"time", "action", "before", "after", "duration_s", "ok", "message"}],
                      "controller": {"enabled", "threshold", ... ElasticConfig fields, "last_check"},
                      "router_node_id", "generation", "failure", "replica", "replicas"}

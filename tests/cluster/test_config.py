@@ -83,6 +83,7 @@ def test_elastic_settings_are_checked_in_either_form():
     for overrides, key in ((["cluster.elastic.threshold=0.9"], "cluster.elastic.threshold"),
                            (["cluster.elastic.treshold=2"], "treshold"),
                            (["cluster.elastic.stuck_step_s=-1"], "cluster.elastic.stuck_step_s"),
+                           (["cluster.elastic.standby_shards=-1"], "cluster.elastic.standby_shards"),
                            (["model.dim=3"], "expected cluster.<key>=value")):
         with pytest.raises(ConfigError, match=re.escape(key)):
             load_cluster_config(overrides)
