@@ -194,11 +194,24 @@ class Router:
                 ray.kill(shard, no_restart=True)
             raise
 
+    def _taken_bundles(self) -> set[int]:
+        """Bundles held by shards, standbys and shards being started (call under _placing_lock)."""
+        return {b for b in self.shard_bundles if b is not None} | self._starting | \
+            {b for _, _, b, _ in self.standby if b is not None}
+
+    def _room_for_standby(self) -> bool:
+        """A free bundle, or a free GPU (CPU) outside the placement group, now. A standby that
+        waited for one would take the resource a dying shard frees from its replacement."""
+        with self._placing_lock:
+            taken = self._taken_bundles()
+        if any(options and b not in taken for b, options in enumerate(self.bundle_options)):
+            return True
+        return ray.available_resources().get("GPU" if self.use_gpu else "CPU", 0) >= 1
+
     def _start_processes(self, experts: list[list[list[int]]], avoid: Iterable[str] = (),
                          away: Iterable[str] = ()) -> list[tuple]:
         with self._placing_lock:
-            taken = {b for b in self.shard_bundles if b is not None} | self._starting | \
-                {b for _, _, b, _ in self.standby if b is not None}
+            taken = self._taken_bundles()
             handles, bundles, planned = [], [], []
             for ids in experts:
                 options, bundle = self._new_shard_options(avoid, away, taken, planned)
@@ -238,7 +251,8 @@ class Router:
 
     def _refill_standby(self) -> None:
         """Start shards without experts until `standby_shards` wait, on a thread of its own: no
-        step or event waits for it. Where no resource is free it gives up until the next event."""
+        step or event waits for it. Where no resource is free now it stops until the next event
+        (`_room_for_standby`)."""
         if self._closed or len(self.standby) >= self.elastic.standby_shards or \
                 not self._refill_lock.acquire(blocking=False):
             return
@@ -246,6 +260,9 @@ class Router:
         def refill() -> None:
             try:
                 while not self._closed and len(self.standby) < self.elastic.standby_shards:
+                    if not self._room_for_standby():
+                        log.info("no free resource for a standby shard; trying again after the next event")
+                        return
                     ((shard, node, bundle),) = self._start_processes([[[] for _ in range(self.cfg.n_moe_layers)]])
                     pid = ray.get(shard.stats.remote(), timeout=self.timeout_s)["pid"]
                     with self._state_lock:
