@@ -488,6 +488,7 @@ class Router:
             self._failure = f"{failure}; no replacement: {str(exc).splitlines()[0][:300]}"
             self._failed_at, self._failed_shards, self._failed_cause = time.time(), dead, str(failure)
             self._record("failover", started, before, False, self._failure)
+            self._refill_standby()  # any it took went with the attempt
             raise ShardFailure(self._failure, dead) from exc
         # where the time went: the new shards' start (process, device, experts), then the group
         standby = f"{from_standby} from standby; " if from_standby else ""
@@ -580,6 +581,7 @@ class Router:
         """A re-placement that failed before the switch: new shards go, nothing else changed."""
         for shard, _, _ in new.values():
             ray.kill(shard, no_restart=True)
+        self._refill_standby()  # standby shards it took went with them
         return self._record(action, started, before, False, message)
 
     def _keep_for(self, n: int) -> list[int | None]:
