@@ -186,6 +186,7 @@ class Router:
                           away: Iterable[str] = ()) -> list[tuple]:
         """(handle, node, bundle) of new shards, all up with their experts, or an error and none:
         standby shards first (`standby_shards`: they only load their experts), then new ones."""
+        avoid = set(avoid)  # read by both steps below
         ready = self._from_standby(experts, avoid)
         try:
             return ready + self._start_processes(experts[len(ready):], avoid, away)
@@ -228,13 +229,13 @@ class Router:
                 self._starting -= claimed
                 self._starting_shards = [h for h in self._starting_shards if h not in handles]
 
-    def _from_standby(self, experts: list[list[list[int]]], avoid: Iterable[str]) -> list[tuple]:
+    def _from_standby(self, experts: list[list[list[int]]], avoid: set[str]) -> list[tuple]:
         """Standby shards (not on `avoid` nodes) that loaded the first of `experts`, as many as
         there were; one that fails to (its process or node died) is dropped for a new process."""
         ready: list[tuple] = []
         while len(ready) < len(experts):
             with self._state_lock:
-                usable = [s for s in self.standby if s[1] not in set(avoid)]
+                usable = [s for s in self.standby if s[1] not in avoid]
                 if not usable:
                     break
                 self.standby.remove(usable[0])
