@@ -21,7 +21,9 @@ as fused grouped GEMMs, combine, shared experts). Timed in the same run:
   raw comm    the same four `all_to_all_single` calls (the same rows crossing, no own rows) with the
               splits known in advance; raw/moray = raw comm / (moray comm - permute)
 
-Each rank checks its expert-parallel output against the one-device layer on its own tokens.
+Each rank checks its expert-parallel output against the one-device layer on its own tokens, and
+its experts' weight gradients after one step against the one-device layer's on both ranks'
+tokens ("err": the larger relative error).
 
 `--sm-carveout N` keeps the matmuls (cuBLASLt) of both two-device variants off N SMs, so NCCL's
 kernel can run beside the shared experts' full-width persistent GEMMs instead of pushing a
@@ -156,9 +158,26 @@ class Rank:
         parallelize_experts(layer, 2, self.rank, dist.group.WORLD)
         return layer
 
-    def _tokens(self, n: int, seed: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed * 2 + self.rank)
+    def _tokens(self, n: int, seed: int, rank: int | None = None) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed * 2 + (self.rank if rank is None else rank))
         return torch.randn(n, self.dim, generator=g).to(self.device, self.dtype)
+
+    def _expert_grad_err(self, tokens: int, seed: int) -> float:
+        """The expert weights' gradients after one step (summed over both expert calls, and over
+        both ranks' rows) against the one-device layer run on both ranks' tokens: relative error."""
+        xs = torch.stack([self._tokens(tokens, seed, r) for r in range(2)])
+        douts = torch.stack([self._tokens(tokens, seed + 7919, r) for r in range(2)])
+        for layer in (self.full, self.ep):
+            layer.zero_grad(set_to_none=True)
+        self.full(xs)[0].backward(douts)
+        self.ep(xs[self.rank][None])[0].backward(douts[self.rank][None])
+        local = self.ep.experts.deepspeed_moe.experts.deepspeed_experts
+        n_local, err = len(local), 0.0
+        for name in ("w_gate", "w_up", "w_down"):
+            got = torch.stack([getattr(e, name).grad for e in local]).float()
+            want = getattr(self.full.experts, name).grad[self.rank * n_local:(self.rank + 1) * n_local].float()
+            err = max(err, float((got - want).norm() / want.norm()))
+        return err
 
     def _timed(self, fn, iters: int) -> float:
         if self.device.type == "cuda":
@@ -207,6 +226,7 @@ class Rank:
             expected = self.full(x[None])[0].float()
             err = max(float((layer(x[None])[0].float() - expected).norm() / expected.norm())
                       for layer in (self.ep, self.serial))
+        err = max(err, self._expert_grad_err(tokens, seed))
         one = self._timed(step(self.full), iters) if self.rank == 0 else None
         if self.rank == 1:  # meet rank 0's barriers while it times the one-device layer
             for _ in range(iters):
@@ -293,7 +313,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         if row["rel_err"] > tol:
-            raise SystemExit(f"expert-parallel output differs from one device: relative error {row['rel_err']:.2e}")
+            raise SystemExit(f"expert-parallel output or expert gradients differ from one device: relative error {row['rel_err']:.2e}")
     meta = {"date": datetime.date.today().isoformat(), "shape": args.shape, "torch": torch.__version__,
             "sm_carveout": args.sm_carveout,
             "device": "cpu (gloo)" if args.cpu else ray.get(ranks[0].__ray_call__.remote(
