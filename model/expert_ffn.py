@@ -25,10 +25,9 @@ gradients, and the input gradient's second term added to its first): `torch._gro
 no `out=` and no accumulate, and a grouped result would be one more block-sized tensor.
 
 Calls that share their weights within a step (an expert-parallel rank computes the rows other
-ranks sent, then its own) can take them through one `SharedWeightGrads`, which sums their
-weight gradients where they are computed (in the product's epilogue on GPUs), so autograd
-never adds [E, ...] tensors, and computes the later calls' ones in a node of its own that
-autograd runs after the nodes created after it in forward: see the class.
+ranks sent, then its own) can pass one `SharedWeightGrads`: the backward that runs last adds
+its weight gradients into the earlier ones' (in the product's epilogue on GPUs) and hands
+autograd the total, the earlier ones hand it nothing, so autograd never adds [E, ...] tensors.
 """
 
 from __future__ import annotations
@@ -59,52 +58,29 @@ class RowBlock:
 
 
 class SharedWeightGrads:
-    """The weight gradients of several expert calls on the same weights in one step.
+    """The weight gradients of `calls` expert calls on the same weights in one step, summed where
+    they are computed (see the module docstring). Every one of the calls must reach backward:
+    only the last hands autograd the total. One per step: a second backward finds it spent."""
 
-    `weights(...)` hands the calls the weights through a node whose backward returns the sum of
-    their gradients; the calls' own backwards return none. The first call to run backward
-    computes its weight gradients at once; the others keep their products, which that node adds
-    into the first's (model/weight_grad_kernel.py on GPUs: no [E, ...] temporary, no add).
-    Autograd runs ready nodes latest-created first, so the node runs after whatever forward
-    created after `weights()`. In the expert-parallel layer that is the exchange sending the
-    last call's input gradient back: the last call's weight gradients, which used to hold that
-    exchange back, now run beside it."""
+    def __init__(self, calls: int):
+        self.calls, self.seen, self.totals = calls, 0, None
 
-    def __init__(self):
-        self.totals: list[torch.Tensor] | None = None
-        self.kept: list[tuple[RowBlock, list[tuple[torch.Tensor, torch.Tensor]], str]] = []
-
-    def weights(self, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The weights for the calls to use (the same tensors, seen through the summing node)."""
-        return _SummedWeightGrads.apply(self, *weights)
-
-    def add(self, block: RowBlock, products: list[tuple[torch.Tensor, torch.Tensor]], impl: str) -> None:
-        """A call's weight gradients a^T b, one per weight in `weights()`' order."""
+    def add(self, block: "RowBlock", products: list[tuple[torch.Tensor, torch.Tensor]], impl: str
+            ) -> tuple[torch.Tensor, ...] | tuple[None, ...]:
+        """This call's weight gradients a^T b, one per (a, b) pair, onto the earlier calls': the
+        totals from the last call, Nones before it."""
+        if self.seen == self.calls:
+            raise RuntimeError("SharedWeightGrads: more backward passes than the calls it was made for")
         if self.totals is None:
             self.totals = [grouped_mm_weight_grad(a, b, block.counts, impl, block.offsets) for a, b in products]
         else:
-            self.kept.append((block, products, impl))
-
-    def total(self) -> tuple[torch.Tensor | None, ...] | None:
-        """Every call's weight gradients summed (None where no call ran backward); spent after."""
-        for block, products, impl in self.kept:
             for total, (a, b) in zip(self.totals, products):
                 grouped_mm_weight_grad_add(total, a, b, block.counts, impl, block.offsets)
-        totals, self.totals, self.kept = self.totals, None, []
-        return None if totals is None else tuple(totals)
-
-
-class _SummedWeightGrads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, sums: SharedWeightGrads, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.sums, ctx.count = sums, len(weights)
-        ctx.set_materialize_grads(False)  # the calls hand back no gradient: no zeros to make
-        return tuple(w.detach() for w in weights)
-
-    @staticmethod
-    def backward(ctx, *_none):
-        total = ctx.sums.total()
-        return None, *(total if total is not None else (None,) * ctx.count)
+        self.seen += 1
+        if self.seen < self.calls:
+            return (None,) * len(products)
+        totals, self.totals = tuple(self.totals), None
+        return totals
 
 
 def row_blocks(counts_E: torch.Tensor | None, chunks: int) -> list[RowBlock]:
@@ -235,7 +211,7 @@ class _ExpertSwiGLU(torch.autograd.Function):
             if row_weights is not None:
                 d_rows.append(d_rows_b)
             if ctx.shared_grads is not None:  # rows to rows: the block's rows are x itself, no gather
-                ctx.shared_grads.add(b, [(x, dg), (x, du), (wh, dy_b)], impl)
+                dw_gate, dw_up, dw_down = ctx.shared_grads.add(b, [(x, dg), (x, du), (wh, dy_b)], impl)
                 del wh, dy_b
             else:
                 dw_down = _weight_grad(dw_down, b, wh, dy_b, impl)
@@ -264,8 +240,8 @@ def expert_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     Rows to rows ([M, D] sorted by expert -> [M, D]) without a dispatch; with one, x is the
     tokens [N, D] and the result is each token's weighted sum of its rows' outputs [N, D]
     (the gradient reaches the routing through `dispatch.slot_weights`), computed in `chunks`
-    blocks of rows (see the module docstring). shared_grads: where the weight gradients go
-    instead (rows to rows only; the weights must be its `weights()`).
+    blocks of rows (see the module docstring). shared_grads: the step's other calls on these
+    weights (rows to rows only), whose weight gradients this call's sum with.
     """
     slot_weights = None if dispatch is None else dispatch.slot_weights
     if shared_grads is not None and dispatch is not None:

@@ -30,9 +30,8 @@ come from one source and arrive already sorted by expert: no reordering pass on 
 
 Each kind of this rank's expert weights lies back to back in one tensor (every expert's
 parameters are views into it), so the grouped products get the [n_local, ...] stacks without
-a copy (`_stacked`). The two expert calls' weight gradients are summed where the second's are
-computed (`SharedWeightGrads`), not added by autograd afterwards, and the second's are computed
-while the input gradient of the other ranks' rows travels back, not before it leaves.
+a copy (`_stacked`). The two expert calls' weight gradients are summed where the second is
+computed (`SharedWeightGrads`), not added by autograd afterwards.
 
 The module is a `deepspeed.moe.layer.MoE` in DeepSpeed's eyes, with its parameters in
 DeepSpeed's per-expert layout (`deepspeed_moe.experts.deepspeed_experts.<i>.*`, tagged
@@ -189,8 +188,8 @@ class ExpertParallelExperts(DeepSpeedMoE):
         if self.ep_size == 1:
             x_ND, dispatch = sent
             return expert_swiglu(x_ND, *self.local_stacks(), dispatch.counts, dispatch)
-        grads = SharedWeightGrads()  # both calls' weight gradients summed where computed
-        exchange, (w_gate, w_up, w_down) = sent.exchange, grads.weights(*self.local_stacks())
+        exchange, (w_gate, w_up, w_down) = sent.exchange, self.local_stacks()
+        grads = SharedWeightGrads(calls=2)  # both calls' weight gradients summed where computed
         y_theirs = expert_swiglu(ep_dispatch_finish(sent), w_gate, w_up, w_down, exchange.their_counts,
                                  shared_grads=grads)
         returning = ep_combine_start(y_theirs, exchange, self.deepspeed_moe.ep_group)

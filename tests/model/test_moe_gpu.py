@@ -107,11 +107,10 @@ def test_expert_calls_sharing_weight_grads_equal_autograds_sum(seed):
     counts = [_skewed_counts(len(r), E) for r in rows]
     douts = [torch.randn_like(r) for r in rows]
     grads = {}
-    for shared in (None, SharedWeightGrads()):
+    for shared in (None, SharedWeightGrads(calls=2)):
         ws = [w.clone().requires_grad_() for w in weights]
         xs = [r.clone().requires_grad_() for r in rows]
-        used = ws if shared is None else shared.weights(*ws)
-        outs = [expert_swiglu(x, *used, c, shared_grads=shared) for x, c in zip(xs, counts)]
+        outs = [expert_swiglu(x, *ws, c, shared_grads=shared) for x, c in zip(xs, counts)]
         torch.autograd.backward(outs, douts)
         grads[shared is None] = [w.grad for w in ws] + [x.grad for x in xs]
     for autograd_sum, shared_sum in zip(grads[True], grads[False]):

@@ -88,7 +88,7 @@ def _event_order(rank: int, seed: int, device: torch.device) -> tuple[list[str],
     ep = copy.deepcopy(full)
     parallelize_experts(ep, dist.get_world_size(), rank, dist.group.WORLD)
     x = torch.randn(1, TOKENS, DIM, device=device, requires_grad=True)
-    wanted = ("_SendRows", "_ReceiveRows", "_ExpertSwiGLU", "_SummedWeightGrads")
+    wanted = ("_SendRows", "_ReceiveRows", "_ExpertSwiGLU")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         out, _ = ep(x)
         out.sum().backward()
@@ -147,20 +147,18 @@ def test_overlapped_exchange_equals_the_single_process_layer(run):
 
 def test_shared_experts_run_while_rows_and_gradients_travel(run):
     """And a rank's own rows (which never travel) are computed while the other ranks' outputs,
-    and in backward their gradients, travel; the weight gradients of the other ranks' rows are
-    computed while those rows' input gradients travel back."""
+    and in backward their gradients, travel."""
     for rank, (_, (forward, backward), _) in run.items():
         # the rows sent, the shared experts, the rows received; then the routed experts on the
         # other ranks' rows, their outputs sent back, the routed experts on the own rows, the
         # outputs received
-        assert forward == ["_SendRows", "_ExpertSwiGLU", "_SummedWeightGrads", "_ReceiveRows", "_ExpertSwiGLU",
-                           "_SendRows", "_ExpertSwiGLU", "_ReceiveRows"], f"rank {rank}: {forward}"
+        assert forward == ["_SendRows", "_ExpertSwiGLU", "_ReceiveRows", "_ExpertSwiGLU", "_SendRows",
+                           "_ExpertSwiGLU", "_ReceiveRows"], f"rank {rank}: {forward}"
         # the returned outputs' gradients sent, the own rows' backward, the wait; the other ranks'
-        # rows' backward; their gradients sent, then the routed experts' weight gradients (the other
-        # ranks' rows' part) and the shared experts' backward, and only then the wait
+        # rows' backward; their gradients sent, the shared experts' backward, and only then the wait
         assert backward == ["_ReceiveRowsBackward", "_ExpertSwiGLUBackward", "_SendRowsBackward",
-                            "_ExpertSwiGLUBackward", "_ReceiveRowsBackward", "_SummedWeightGradsBackward",
-                            "_ExpertSwiGLUBackward", "_SendRowsBackward"], f"rank {rank}: {backward}"
+                            "_ExpertSwiGLUBackward", "_ReceiveRowsBackward", "_ExpertSwiGLUBackward",
+                            "_SendRowsBackward"], f"rank {rank}: {backward}"
 
 
 def test_local_stacks_alias_the_expert_weights_and_give_each_its_gradient(seed):
