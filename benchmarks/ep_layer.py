@@ -20,6 +20,8 @@ as fused grouped GEMMs, combine, shared experts). Timed in the same run:
               exchange's own cost is moray comm - permute
   raw comm    the same four `all_to_all_single` calls (the same rows crossing, no own rows) with the
               splits known in advance; raw/moray = raw comm / (moray comm - permute)
+  step peak   (GPU, rank 0, JSON only) what one two-device step allocates at its peak above what
+              was allocated before it
 
 Each rank checks its expert-parallel output against the one-device layer on its own tokens, and
 its experts' weight gradients after one step against the one-device layer's on both ranks'
@@ -190,6 +192,17 @@ class Rank:
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
+    def _step_peak(self, fn) -> float | None:
+        """Memory one step allocates above what was allocated before it, at its peak (GB)."""
+        if self.device.type != "cuda":
+            return None
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 1e9
+
     def _profile(self, variants: dict, sm_carveout: int, out_dir: str) -> None:
         from torch.profiler import ProfilerActivity, profile
         os.makedirs(out_dir, exist_ok=True)
@@ -235,6 +248,7 @@ class Rank:
         two = self._timed(step(self.ep), iters)
         serial = self._timed(step(self.serial), iters)
         torch._C._set_sm_carveout_experimental(None)
+        step_peak = self._step_peak(step(self.ep))
 
         # communication alone: tokens routed uniformly at random, the expert computation the identity
         E, K = self.cfg.n_routed_experts, self.cfg.top_k
@@ -273,6 +287,7 @@ class Rank:
                            "moray_comm": moray_comm, "local_permute": local_permute, "raw_comm": raw_comm},
                           sm_carveout, profile_dir)
         return {"rank": self.rank, "rel_err": err, "one_s": one, "two_s": two, "serial_s": serial,
+                "step_peak_gb": step_peak,
                 "moray_comm_s": self._timed(moray_comm, iters), "local_permute_s": self._timed(local_permute, iters),
                 "raw_comm_s": self._timed(raw_comm, iters),
                 "bytes_per_direction": sum(in_splits) * self.dim * x.element_size()}
@@ -306,7 +321,8 @@ def main() -> None:
                "moray_comm_ms": max(r0["moray_comm_s"], r1["moray_comm_s"]) * 1e3,
                "local_permute_ms": max(r0["local_permute_s"], r1["local_permute_s"]) * 1e3,
                "raw_comm_ms": max(r0["raw_comm_s"], r1["raw_comm_s"]) * 1e3,
-               "rel_err": max(r0["rel_err"], r1["rel_err"]), "mb_per_direction": r0["bytes_per_direction"] / 1e6}
+               "rel_err": max(r0["rel_err"], r1["rel_err"]), "two_devices_step_peak_gb": r0["step_peak_gb"],
+               "mb_per_direction": r0["bytes_per_direction"] / 1e6}
         row["moray_exchange_ms"] = row["moray_comm_ms"] - row["local_permute_ms"]
         row["comm_raw_over_moray"] = row["raw_comm_ms"] / row["moray_exchange_ms"]
         row["overlap_gain"] = row["no_overlap_ms"] / row["two_devices_ms"]
