@@ -11,8 +11,9 @@ expert width 1408), for the second call's rows:
 - the same GEMMs and the add into the first call's gradients (what the layer pays now);
 - one `addmm_` per expert and kind into the first call's gradients (the add folded into cuBLAS
   with beta = 1, at the price of 96 small GEMMs instead of 3 grouped ones);
-- `model/weight_grad_kernel.py`'s Triton grouped GEMM that adds into the first call's gradients
-  in its epilogue (3 kernels, no add).
+- a Triton grouped GEMM (below) that adds into the first call's gradients in its epilogue (3
+  kernels, no add). In the layer it saved nothing measurable (benchmarks/RESULTS.md), so it
+  lives here, not in model/ (branch `ep-weight-grad-accumulate` has it wired into the layer).
 
 And, for the gate and up projections as one [E, D, 2F] weight (one product each way instead of
 two, no add of the two input-gradient products): forward x W, input gradient dH W^T and weight
@@ -27,10 +28,54 @@ import argparse
 import json
 
 import torch
-
-from model.weight_grad_kernel import accumulate_weight_grad
+import triton
+import triton.language as tl
 
 EXPERTS, DIM, WIDTH = 32, 2048, 1408
+
+
+def accumulate_weight_grad(out_EKN: torch.Tensor, a_MK: torch.Tensor, b_MN: torch.Tensor,
+                           group_ends: torch.Tensor) -> torch.Tensor:
+    """out[e] += a[rows_e]^T @ b[rows_e] in place, rows_e = [group_ends[e-1], group_ends[e]); bf16
+    operands, fp32 accumulation, one kernel. Returns out."""
+    E, K, N = out_EKN.shape
+    if not (a_MK.is_contiguous() and b_MN.is_contiguous() and out_EKN.is_contiguous()):
+        raise ValueError("accumulate_weight_grad needs contiguous operands")
+    if E == 0 or K == 0 or N == 0:
+        return out_EKN
+    grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]), E)
+    _weight_grad_kernel[grid](a_MK, b_MN, out_EKN, group_ends, K, N)
+    return out_EKN
+
+
+_CONFIGS = [triton.Config({"BLOCK_K": bk, "BLOCK_N": bn, "BLOCK_M": bm}, num_warps=w, num_stages=s)
+            for bk, bn, bm, w, s in ((128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+                                     (128, 128, 64, 4, 4), (128, 128, 32, 4, 5))]
+
+
+@triton.autotune(configs=_CONFIGS, key=["K", "N"], reset_to_zero=[], restore_value=["out_ptr"])
+@triton.jit
+def _weight_grad_kernel(a_ptr, b_ptr, out_ptr, ends_ptr, K, N,
+                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    tile, e = tl.program_id(0), tl.program_id(1)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    k0, n0 = (tile // tiles_n) * BLOCK_K, (tile % tiles_n) * BLOCK_N
+    start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0).to(tl.int64)
+    stop = tl.load(ends_ptr + e).to(tl.int64)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    in_k, in_n = offs_k < K, offs_n < N
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for m0 in range(start, stop, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        in_rows = rows < stop
+        a_t = tl.load(a_ptr + rows[None, :] * K + offs_k[:, None], mask=in_rows[None, :] & in_k[:, None], other=0.0)
+        b = tl.load(b_ptr + rows[:, None] * N + offs_n[None, :], mask=in_rows[:, None] & in_n[None, :], other=0.0)
+        acc = tl.dot(a_t, b, acc)
+    where = out_ptr + e.to(tl.int64) * K * N + offs_k[:, None] * N + offs_n[None, :]
+    keep = in_k[:, None] & in_n[None, :]
+    acc += tl.load(where, mask=keep, other=0.0).to(tl.float32)
+    tl.store(where, acc.to(out_ptr.dtype.element_ty), mask=keep)
 
 
 def _timed(fn, iters: int = 20) -> float:

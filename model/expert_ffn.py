@@ -23,11 +23,6 @@ read of the expert counts per layer (to cut the blocks), a read-modify-write of 
 per block, and one matmul per expert for the products that must land in place (the weight
 gradients, and the input gradient's second term added to its first): `torch._grouped_mm` has
 no `out=` and no accumulate, and a grouped result would be one more block-sized tensor.
-
-Calls that share their weights within a step (an expert-parallel rank computes the rows other
-ranks sent, then its own) can pass one `SharedWeightGrads`: the backward that runs last adds
-its weight gradients into the earlier ones' (in the product's epilogue on GPUs) and hands
-autograd the total, the earlier ones hand it nothing, so autograd never adds [E, ...] tensors.
 """
 
 from __future__ import annotations
@@ -37,7 +32,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from model.dispatch import BlockSum, Dispatch, slot_sum, slot_values
-from model.grouped import group_offsets, grouped_mm, grouped_mm_weight_grad, grouped_mm_weight_grad_add
+from model.grouped import group_offsets, grouped_mm, grouped_mm_weight_grad
 from model.swiglu_kernels import swiglu, swiglu_backward
 
 
@@ -55,32 +50,6 @@ class RowBlock:
     continued: bool = False
     host_counts: tuple[int, ...] = ()
     offsets: torch.Tensor | None = None
-
-
-class SharedWeightGrads:
-    """The weight gradients of `calls` expert calls on the same weights in one step, summed where
-    they are computed (see the module docstring). Every one of the calls must reach backward:
-    only the last hands autograd the total. One per step: a second backward finds it spent."""
-
-    def __init__(self, calls: int):
-        self.calls, self.seen, self.totals = calls, 0, None
-
-    def add(self, block: "RowBlock", products: list[tuple[torch.Tensor, torch.Tensor]], impl: str
-            ) -> tuple[torch.Tensor, ...] | tuple[None, ...]:
-        """This call's weight gradients a^T b, one per (a, b) pair, onto the earlier calls': the
-        totals from the last call, Nones before it."""
-        if self.seen == self.calls:
-            raise RuntimeError("SharedWeightGrads: more backward passes than the calls it was made for")
-        if self.totals is None:
-            self.totals = [grouped_mm_weight_grad(a, b, block.counts, impl, block.offsets) for a, b in products]
-        else:
-            for total, (a, b) in zip(self.totals, products):
-                grouped_mm_weight_grad_add(total, a, b, block.counts, impl, block.offsets)
-        self.seen += 1
-        if self.seen < self.calls:
-            return (None,) * len(products)
-        totals, self.totals = tuple(self.totals), None
-        return totals
 
 
 def row_blocks(counts_E: torch.Tensor | None, chunks: int) -> list[RowBlock]:
@@ -165,7 +134,7 @@ def _single_input_grad(dg: torch.Tensor, du: torch.Tensor, w_gate: torch.Tensor,
 
 class _ExpertSwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down, slot_weights, dispatch, blocks, impl, shared_grads):
+    def forward(ctx, x, w_gate, w_up, w_down, slot_weights, dispatch, blocks, impl):
         single = len(blocks) == 1
         out = None if single else BlockSum(*x.shape, x.dtype, x.device)
         projections = []
@@ -184,7 +153,6 @@ class _ExpertSwiGLU(torch.autograd.Function):
             projections += [g, u]
         ctx.save_for_backward(x, w_gate, w_up, w_down, *projections)
         ctx.dispatch, ctx.blocks, ctx.impl, ctx.consumed = dispatch, blocks, impl, False
-        ctx.shared_grads = shared_grads
         return out if single else out.result()
 
     @staticmethod
@@ -210,16 +178,12 @@ class _ExpertSwiGLU(torch.autograd.Function):
             dg, du, wh, d_rows_b = swiglu_backward(dz, g, u, row_weights)  # wh: h scaled by the row's weight
             if row_weights is not None:
                 d_rows.append(d_rows_b)
-            if ctx.shared_grads is not None:  # rows to rows: the block's rows are x itself, no gather
-                dw_gate, dw_up, dw_down = ctx.shared_grads.add(b, [(x, dg), (x, du), (wh, dy_b)], impl)
-                del wh, dy_b
-            else:
-                dw_down = _weight_grad(dw_down, b, wh, dy_b, impl)
-                del wh, dy_b
-                x_b = _block_rows(x, dispatch, b)
-                dw_gate = _weight_grad(dw_gate, b, x_b, dg, impl)
-                dw_up = _weight_grad(dw_up, b, x_b, du, impl)
-                del x_b
+            dw_down = _weight_grad(dw_down, b, wh, dy_b, impl)
+            del wh, dy_b
+            x_b = _block_rows(x, dispatch, b)
+            dw_gate = _weight_grad(dw_gate, b, x_b, dg, impl)
+            dw_up = _weight_grad(dw_up, b, x_b, du, impl)
+            del x_b
             if single:
                 dx = _single_input_grad(dg, du, w_gate, w_up, dispatch, b, impl)
             else:
@@ -228,23 +192,20 @@ class _ExpertSwiGLU(torch.autograd.Function):
         if dispatch is not None and ctx.needs_input_grad[4]:
             d_slot_weights = slot_values(torch.cat(d_rows), dispatch)
         dx = dx if single or dispatch is None else dx.result()
-        return dx, dw_gate, dw_up, dw_down, d_slot_weights, None, None, None, None
+        return dx, dw_gate, dw_up, dw_down, d_slot_weights, None, None, None
 
 
 def expert_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                   counts_E: torch.Tensor | None, dispatch: Dispatch | None = None, impl: str = "auto",
-                  chunks: int = 1, shared_grads: SharedWeightGrads | None = None) -> torch.Tensor:
+                  chunks: int = 1) -> torch.Tensor:
     """silu(x W_gate) * (x W_up) W_down per expert block of rows (counts_E None: one expert, all rows,
     as the dense FFN and the shared experts are).
 
     Rows to rows ([M, D] sorted by expert -> [M, D]) without a dispatch; with one, x is the
     tokens [N, D] and the result is each token's weighted sum of its rows' outputs [N, D]
     (the gradient reaches the routing through `dispatch.slot_weights`), computed in `chunks`
-    blocks of rows (see the module docstring). shared_grads: the step's other calls on these
-    weights (rows to rows only), whose weight gradients this call's sum with.
+    blocks of rows (see the module docstring).
     """
     slot_weights = None if dispatch is None else dispatch.slot_weights
-    if shared_grads is not None and dispatch is not None:
-        raise ValueError("shared_grads is for rows-to-rows expert calls (no dispatch)")
     blocks = row_blocks(counts_E, chunks if dispatch is not None else 1)
-    return _ExpertSwiGLU.apply(x, w_gate, w_up, w_down, slot_weights, dispatch, blocks, impl, shared_grads)
+    return _ExpertSwiGLU.apply(x, w_gate, w_up, w_down, slot_weights, dispatch, blocks, impl)

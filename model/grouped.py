@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from model.swiglu_kernels import HAVE_TRITON
-from model.weight_grad_kernel import accumulate_weight_grad
-
 
 def native_kernel_serves(dtype: torch.dtype, device: torch.device, *widths: int) -> bool:
     """Whether the native kernel multiplies this dtype on this device, for operands whose rows are
@@ -82,16 +79,3 @@ def grouped_mm_weight_grad(x_MK: torch.Tensor, dy_MN: torch.Tensor, counts_E: to
     blocks = zip(torch.split(x_MK, counts_E.tolist()), torch.split(dy_MN, counts_E.tolist()))
     return torch.stack([a.t() @ b for a, b in blocks]) if counts_E.numel() else \
         x_MK.new_zeros(0, x_MK.shape[1], dy_MN.shape[1])
-
-
-def grouped_mm_weight_grad_add(total_EKN: torch.Tensor, x_MK: torch.Tensor, dy_MN: torch.Tensor,
-                               counts_E: torch.Tensor, impl: str = "auto",
-                               offsets: torch.Tensor | None = None) -> torch.Tensor:
-    """total += `grouped_mm_weight_grad(x, dy, counts_E)`, in place. Where the native kernel would
-    run on a GPU with Triton the sum happens in the product's epilogue (model/weight_grad_kernel.py):
-    no [E, K, N] temporary, and the total read once instead of an add's read of both."""
-    _check_impl(impl)
-    if HAVE_TRITON and x_MK.is_cuda and _use_native(x_MK, dy_MN, impl) and total_EKN.dtype == x_MK.dtype:
-        ends = group_offsets(counts_E) if offsets is None else offsets
-        return accumulate_weight_grad(total_EKN, x_MK.contiguous(), dy_MN.contiguous(), ends)
-    return total_EKN.add_(grouped_mm_weight_grad(x_MK, dy_MN, counts_E, impl, offsets))

@@ -30,8 +30,7 @@ come from one source and arrive already sorted by expert: no reordering pass on 
 
 Each kind of this rank's expert weights lies back to back in one tensor (every expert's
 parameters are views into it), so the grouped products get the [n_local, ...] stacks without
-a copy (`_stacked`). The two expert calls' weight gradients are summed where the second is
-computed (`SharedWeightGrads`), not added by autograd afterwards.
+a copy (`_stacked`).
 
 The module is a `deepspeed.moe.layer.MoE` in DeepSpeed's eyes, with its parameters in
 DeepSpeed's per-expert layout (`deepspeed_moe.experts.deepspeed_experts.<i>.*`, tagged
@@ -49,7 +48,7 @@ from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import nn
 
 from model.dispatch import Dispatch, combine_rows, dispatch_rows
-from model.expert_ffn import SharedWeightGrads, expert_swiglu
+from model.expert_ffn import expert_swiglu
 from model.moe import MoE, RoutedExperts
 from model.transformer import Transformer
 
@@ -189,11 +188,9 @@ class ExpertParallelExperts(DeepSpeedMoE):
             x_ND, dispatch = sent
             return expert_swiglu(x_ND, *self.local_stacks(), dispatch.counts, dispatch)
         exchange, (w_gate, w_up, w_down) = sent.exchange, self.local_stacks()
-        grads = SharedWeightGrads(calls=2)  # both calls' weight gradients summed where computed
-        y_theirs = expert_swiglu(ep_dispatch_finish(sent), w_gate, w_up, w_down, exchange.their_counts,
-                                 shared_grads=grads)
+        y_theirs = expert_swiglu(ep_dispatch_finish(sent), w_gate, w_up, w_down, exchange.their_counts)
         returning = ep_combine_start(y_theirs, exchange, self.deepspeed_moe.ep_group)
-        y_own = expert_swiglu(sent.own_rows, w_gate, w_up, w_down, exchange.own_counts, shared_grads=grads)
+        y_own = expert_swiglu(sent.own_rows, w_gate, w_up, w_down, exchange.own_counts)
         return ep_combine_finish(returning, y_own, exchange)
 
 

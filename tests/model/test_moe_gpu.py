@@ -7,11 +7,8 @@ import torch
 
 from model.config import MoEConfig
 from model.dispatch import permute, unpermute
-from model.expert_ffn import SharedWeightGrads, expert_swiglu
-from model.grouped import grouped_mm_weight_grad_add
 from model.moe import MoE, route
 from model.swiglu_kernels import gather_scaled_rows, gather_weighted_sum, swiglu, swiglu_backward
-from model.weight_grad_kernel import accumulate_weight_grad
 
 pytestmark = pytest.mark.gpu
 
@@ -72,49 +69,6 @@ def test_triton_gather_scale_equals_torch(dot, seed):
         (rest, inset), split_dots = gather_scaled_rows(src, index, weights, pair, slice(s0, s1))
         assert torch.equal(rest, torch.cat([rows[:s0], rows[s1:]])) and torch.equal(inset, rows[s0:s1])
         assert (split_dots is None) == (not dot) and (not dot or torch.equal(split_dots, dots))
-
-
-def _skewed_counts(rows: int, experts: int) -> torch.Tensor:
-    """Expert 1 idle, expert 2 hot (half the rows), the rest at random."""
-    counts = torch.bincount(torch.randint(0, experts, (rows // 2,)), minlength=experts)
-    counts[1], counts[2] = 0, counts[2] + rows - int(counts.sum()) + counts[1]
-    return counts.cuda()
-
-
-@pytest.mark.parametrize("k,n", [(2048, 1408), (200, 136)])
-def test_accumulating_weight_grad_kernel_adds_each_experts_product(k, n, seed):
-    """out[e] += a[rows_e]^T b[rows_e] in bf16 against fp32: an idle expert keeps its gradient, a
-    hot one gets many row tiles, widths off the tile sizes are masked."""
-    counts = _skewed_counts(3001, 9)
-    a, b = torch.randn(3001, k, device="cuda"), torch.randn(3001, n, device="cuda")
-    out = torch.randn(9, k, n, device="cuda")
-    want = out + torch.stack([x.t() @ y for x, y in zip(a.split(counts.tolist()), b.split(counts.tolist()))])
-    got = accumulate_weight_grad(out.bfloat16(), a.bfloat16(), b.bfloat16(), torch.cumsum(counts, 0, dtype=torch.int32))
-    assert rel(got, want) <= 1e-2
-    assert torch.equal(got[1], out[1].bfloat16())  # the idle expert: added nothing
-    # through the grouped product's entry point: the kernel where the native product would run
-    total = out.bfloat16()
-    assert grouped_mm_weight_grad_add(total, a.bfloat16(), b.bfloat16(), counts) is total
-    assert rel(total, want) <= 1e-2
-
-
-def test_expert_calls_sharing_weight_grads_equal_autograds_sum(seed):
-    """Two rows-to-rows expert calls on the same bf16 weights (an expert-parallel rank's received
-    and own rows): summing their weight gradients in the second product gives autograd's sum."""
-    E, D, F = 8, 256, 176
-    weights = [(torch.randn(E, *shape, device="cuda") * 0.05).bfloat16() for shape in ((D, F), (D, F), (F, D))]
-    rows = [torch.randn(n, D, device="cuda", dtype=torch.bfloat16) for n in (700, 1100)]
-    counts = [_skewed_counts(len(r), E) for r in rows]
-    douts = [torch.randn_like(r) for r in rows]
-    grads = {}
-    for shared in (None, SharedWeightGrads(calls=2)):
-        ws = [w.clone().requires_grad_() for w in weights]
-        xs = [r.clone().requires_grad_() for r in rows]
-        outs = [expert_swiglu(x, *ws, c, shared_grads=shared) for x, c in zip(xs, counts)]
-        torch.autograd.backward(outs, douts)
-        grads[shared is None] = [w.grad for w in ws] + [x.grad for x in xs]
-    for autograd_sum, shared_sum in zip(grads[True], grads[False]):
-        assert rel(shared_sum, autograd_sum) <= 1e-2
 
 
 @pytest.mark.parametrize("capacity,chunks", [(None, 1), (40, 1), (None, 3), (40, 4)])
