@@ -17,14 +17,18 @@ neither side reads the counts on the host.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
+import sys
 import threading
+import traceback
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+log = logging.getLogger(__name__)
 
 # Steps whose token copies number at most this exchange a fixed row count per shard (the copies
 # of all tokens: no shard can get more), so no MoE layer reads its counts on the host: decode
@@ -88,6 +92,7 @@ def join_group(spec: GroupSpec, rank: int, store: dist.Store | None = None) -> N
 _aborting: threading.Thread | None = None
 _aborting_lock = threading.Lock()
 ABORT_WAIT_S = 60.0  # an abort returns in under a second once no CUDA graph holds the communicator
+ABORT_REPORT_S = 15.0  # one still running by then is stuck: `report_if_still_running` says where
 
 
 def abort_group_soon() -> None:
@@ -106,6 +111,26 @@ def abort_group_soon() -> None:
             _aborting = threading.Thread(target=dist.distributed_c10d._abort_process_group,
                                          name="moray-group-abort", daemon=True)
             _aborting.start()
+            report_if_still_running(_aborting, ABORT_REPORT_S, "aborting the NCCL group")
+
+
+def report_if_still_running(thread: threading.Thread, after_s: float, what: str) -> threading.Timer:
+    """After `after_s`, if `thread` has not ended, log every thread of this process with its
+    Python stack. An abort that does not return has hung failovers on GPUs (benchmarks/RESULTS.md,
+    "Standby shards"): what the step thread and the abort were doing then is the evidence."""
+    def report() -> None:
+        if not thread.is_alive():
+            return
+        names = {t.ident: t.name for t in threading.enumerate()}
+        stacks = [f"--- thread {names.get(ident, ident)}\n" + "".join(traceback.format_stack(frame))
+                  for ident, frame in sys._current_frames().items()]
+        log.warning("%s has not ended after %.0f s; the threads of process %d:\n%s", what, after_s, os.getpid(),
+                    "\n".join(stacks))
+
+    timer = threading.Timer(after_s, report)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def leave_group() -> None:

@@ -6,12 +6,14 @@ the fixed-size exchange of decode steps (every shard gets the same padded row co
 from __future__ import annotations
 
 import datetime
+import logging
+import threading
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from actors.transport import free_port, router_collect, router_dispatch, shard_serve_layer
+from actors.transport import free_port, report_if_still_running, router_collect, router_dispatch, shard_serve_layer
 
 DIM, LAYERS = 8, 3
 EXPERTS_PER_SHARD = [2, 3]  # shard 2 (the second) receives no rows in this test
@@ -65,3 +67,27 @@ def _member(rank: int, port: int, router_free) -> None:
 def test_router_computes_while_the_shards_do():
     router_free = mp.get_context("spawn").Event()
     mp.spawn(_member, args=(free_port("127.0.0.1"), router_free), nprocs=3, join=True)
+
+
+def _waits_for_its_peer(release: threading.Event) -> None:
+    release.wait(timeout=30)
+
+
+def test_a_stuck_thread_is_reported_with_every_threads_stack(caplog):
+    """What a hung abort leaves in the log: the stuck work named, and where each thread was (the
+    blocked function in the stuck thread's stack); a thread that ended in time leaves nothing."""
+    release = threading.Event()
+    stuck = threading.Thread(target=_waits_for_its_peer, args=(release,), name="moray-probe-stuck", daemon=True)
+    done = threading.Thread(target=lambda: None, name="moray-probe-done")
+    stuck.start(), done.start()
+    done.join()
+    with caplog.at_level(logging.WARNING, logger="actors.transport"):
+        report_if_still_running(done, 0.05, "the finished work").join()
+        report_if_still_running(stuck, 0.05, "the stuck work").join()
+    release.set()
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert message.startswith("the stuck work has not ended after 0 s")
+    section = message.split("--- thread moray-probe-stuck\n")[1].split("--- thread")[0]
+    assert "_waits_for_its_peer" in section and "release.wait" in section
+    assert "--- thread MainThread" in message
