@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import random
 import socket
 import sys
 import threading
@@ -52,8 +53,33 @@ class GroupSpec:
     generation: int  # bumps on every re-formation, so nothing stale is ever read
 
 
+RAY_WORKER_PORTS = range(10002, 20000)  # Ray's default min/max_worker_port
+
+
+def _ephemeral_ports() -> range:
+    """Where the OS picks ports for outgoing connections and port-0 binds (Linux's setting)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(v) for v in f.read().split())
+        return range(low, high + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)
+
+
 def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A port free now that nothing hands out by itself before the caller binds it: above Ray's
+    worker ports and below the OS's ephemeral range. A port-0 pick lies in that range, and one
+    was taken by a Ray process's own connection between the pick and Serve's bind (a test run's
+    "Failed to bind to address")."""
+    quiet = range(RAY_WORKER_PORTS.stop, _ephemeral_ports().start)
+    for port in random.SystemRandom().sample(quiet, min(len(quiet), 200)):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # nothing free there: any port
         s.bind((host, 0))
         return s.getsockname()[1]
 

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import datetime
 import logging
+import socket
 import threading
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from actors.transport import free_port, report_if_still_running, router_collect, router_dispatch, shard_serve_layer
+from actors.transport import (RAY_WORKER_PORTS, _ephemeral_ports, free_port, report_if_still_running, router_collect,
+                              router_dispatch, shard_serve_layer)
 
 DIM, LAYERS = 8, 3
 EXPERTS_PER_SHARD = [2, 3]  # shard 2 (the second) receives no rows in this test
@@ -91,3 +93,15 @@ def test_a_stuck_thread_is_reported_with_every_threads_stack(caplog):
     section = message.split("--- thread moray-probe-stuck\n")[1].split("--- thread")[0]
     assert "_waits_for_its_peer" in section and "release.wait" in section
     assert "--- thread MainThread" in message
+
+
+def test_free_ports_come_from_where_nothing_hands_ports_out():
+    """Ports for the servers the tests and the rendezvous start lie outside the OS's ephemeral
+    range and Ray's worker ports (either may take a port between the pick and the bind), differ
+    from call to call, and can be bound."""
+    ports = {free_port("127.0.0.1") for _ in range(20)}
+    assert len(ports) > 10
+    for port in ports:
+        assert port not in _ephemeral_ports() and port not in RAY_WORKER_PORTS and port > 1024
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", port))
