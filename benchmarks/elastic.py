@@ -10,6 +10,9 @@ steady (contiguous) -> rebalance (replicas of the hot experts) -> steady -> scal
 p50/p99 latency of the requests that overlapped it versus the steady phase before it. Every
 answer must equal the first answer for its prompt (and, on CPU, the single-process model's).
 
+`--failover-timeout-s` bounds the kill phase: a failover not done by then stops the run, which
+still prints and writes its rows so far (meta "stopped_by" says why) and exits non-zero.
+
 Runs on CPU (gloo) and on GPU (--use-gpu: one GPU per router and per shard, NCCL; scaling to
 --scale-to shards needs scale_to + 1 GPUs, so on 2 GPUs use --shards 1 --scale-to 1, which
 skips the scale events).
@@ -119,6 +122,8 @@ def main() -> None:
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--standby-shards", type=int, default=0,
                         help="shards kept started without experts (each takes a GPU or CPU of its own)")
+    parser.add_argument("--failover-timeout-s", type=float, default=300.0,
+                        help="a failover not done by then stops the run (its rows so far are still written)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
@@ -177,12 +182,13 @@ def main() -> None:
         killed = time.time()
         ray.kill(model.shard_handles()[0], no_restart=True)
         while not any(e["action"] == "failover" for e in model.elastic_status()["events"]):
-            if time.time() - killed > 300:
-                raise RuntimeError("no failover within 300 s")
+            if time.time() - killed > args.failover_timeout_s:
+                raise RuntimeError(f"no failover within {args.failover_timeout_s:.0f} s")
             time.sleep(0.05)
         failover = [e for e in model.elastic_status()["events"] if e["action"] == "failover"][-1]
         return failover["time"] + failover["duration_s"] - killed, checked(failover)[1]
 
+    error = None
     try:
         steady("steady, contiguous")
         event("rebalance (replicas)", lambda: checked(model.rebalance()), "steady, contiguous")
@@ -195,9 +201,19 @@ def main() -> None:
                   f"steady, {args.scale_to} shards")
             steady(f"steady, {args.shards} shards again")
         event("kill a shard (failover)", kill_and_recover, rows[-1]["phase"])
+    except Exception as exc:  # a run cut short still reports what it measured, then fails
+        error = str(exc).splitlines()[0][:300]
+        print(f"run stopped: {error}", flush=True)
     finally:
-        clients.close()
-        model.shutdown()
+        if error is None:
+            clients.close()
+            model.shutdown()
+        else:  # the router may be stuck: its shutdown times out and kills it, then the clients' calls end
+            try:
+                model.shutdown()
+            except Exception as exc:
+                print(f"shutdown: {str(exc).splitlines()[0][:200]}", flush=True)
+            clients.close()
 
     answers: dict[int, list[int]] = {}
     mismatches = 0
@@ -209,7 +225,8 @@ def main() -> None:
             "overrides": args.overrides, "prompt_len": args.prompt_len, "shards": args.shards, "scale_to": args.scale_to,
             "standby_shards": args.standby_shards, "clients": args.clients, "max_tokens": args.max_tokens,
             "hot_experts": args.hot, "requests": len(clients.done), "errors": len(clients.errors),
-            "answers_differing": mismatches, "compared_with": "single-process model" if expected else "first answer"}
+            "answers_differing": mismatches, "compared_with": "single-process model" if expected else "first answer",
+            "stopped_by": error}
     print(json.dumps(meta))
     print(f"{'phase':>28} {'event s':>8} {'reqs':>5} {'p50 s':>7} {'p99 s':>7} {'p99/steady':>10} {'tok/s':>7} "
           f"{'max/mean':>8}")
@@ -223,6 +240,8 @@ def main() -> None:
         print("errors:", clients.errors[:3])
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    if error is not None:
+        raise SystemExit(f"run stopped: {error}")
 
 
 if __name__ == "__main__":
