@@ -24,10 +24,10 @@ import torch
 from actors.shard_graphs import StepGraphs
 from actors.transport import (GroupSpec, abort_group_soon, graph_buckets, join_group, leave_group,
                               shard_serve_layer)
-from actors.weights import EXPERT_NAMES, WeightSource
+from actors.weights import WeightSource
 from model.config import ModelConfig
 from model.grouped import native_kernel_serves
-from model.moe import RoutedExperts
+from model.moe import EXPERT_WEIGHTS, RoutedExperts
 
 
 class ExpertShard:
@@ -63,7 +63,7 @@ class ExpertShard:
         read = self.source.expert_state(self.cfg, layer, new) if new else {}
         stack = RoutedExperts(len(ids), self.cfg.dim, self.cfg.moe.moe_inter_dim).to(self.device, self.dtype)
         with torch.no_grad():
-            for name in EXPERT_NAMES:
+            for name in EXPERT_WEIGHTS:
                 target = getattr(stack, name)
                 for row, e in enumerate(ids):
                     if e in held:

@@ -14,9 +14,9 @@ import torch
 
 from model import checkpoint
 from model.config import ModelConfig, model_config_from_dict, model_config_to_dict
+from model.moe import EXPERT_WEIGHTS
 from model.transformer import Transformer
 
-EXPERT_NAMES = ("w_gate", "w_up", "w_down")
 
 
 @lru_cache(maxsize=2)
@@ -47,11 +47,11 @@ class WeightSource:
         return {k: v for k, v in state.items() if not k.startswith("mtp.")}
 
     def expert_state(self, cfg: ModelConfig, layer: int, expert_ids: list[int]) -> dict[str, torch.Tensor]:
-        """One layer's routed experts, rows in the order of expert_ids: {w_gate, w_up, w_down}."""
+        """One layer's routed experts, rows in the order of expert_ids: {w_gate_up, w_down}."""
         prefix = f"layers.{layer}.ffn.experts."
         if self.checkpoint is not None:
             state = checkpoint.load_expert_slice(self.checkpoint, expert_ids, prefix=prefix)
-            return {name: state[prefix + name] for name in EXPERT_NAMES}
+            return {name: state[prefix + name] for name in EXPERT_WEIGHTS}
         full = self._seeded(cfg)
         index = torch.tensor(expert_ids, dtype=torch.long)
-        return {name: full[prefix + name].index_select(0, index) for name in EXPERT_NAMES}
+        return {name: full[prefix + name].index_select(0, index) for name in EXPERT_WEIGHTS}

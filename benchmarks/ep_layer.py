@@ -66,7 +66,7 @@ from actors.transport import Rendezvous, join_group  # noqa: E402
 from model.config import MoEConfig  # noqa: E402
 from model.dispatch import Dispatch, Routing, combine_rows, dispatch_rows, permute  # noqa: E402
 from model.expert_ffn import expert_swiglu  # noqa: E402
-from model.moe import MoE  # noqa: E402
+from model.moe import EXPERT_WEIGHTS, MoE  # noqa: E402
 from timing import cuda_times  # noqa: E402  (benchmarks/timing.py)
 from train.expert_parallel import (ExpertParallelExperts, ep_combine_finish, ep_combine_start,  # noqa: E402
                                    ep_dispatch_finish, ep_dispatch_start,
@@ -175,7 +175,7 @@ class Rank:
         self.ep(xs[self.rank][None])[0].backward(douts[self.rank][None])
         local = self.ep.experts.deepspeed_moe.experts.deepspeed_experts
         n_local, err = len(local), 0.0
-        for name in ("w_gate", "w_up", "w_down"):
+        for name in EXPERT_WEIGHTS:
             got = torch.stack([getattr(e, name).grad for e in local]).float()
             want = getattr(self.full.experts, name).grad[self.rank * n_local:(self.rank + 1) * n_local].float()
             err = max(err, float((got - want).norm() / want.norm()))

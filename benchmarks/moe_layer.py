@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from model.config import MoEConfig
 from model.dispatch import unpermute
-from model.moe import MoE, permute, route
+from model.moe import EXPERT_WEIGHTS, MoE, permute, route
 from timing import cuda_times  # benchmarks/timing.py
 
 SHAPES = {
@@ -93,8 +93,7 @@ def build_layer(dim: int, cfg: MoEConfig, seed: int) -> MoE:
         moe = MoE(dim, cfg)
     with torch.no_grad():
         moe.gate.weight.normal_(0, dim**-0.5)
-        for name in ("w_gate", "w_up"):
-            getattr(moe.experts, name).normal_(0, dim**-0.5)
+        moe.experts.w_gate_up.normal_(0, dim**-0.5)
         moe.experts.w_down.normal_(0, cfg.moe_inter_dim**-0.5)
     return moe.to(torch.bfloat16)
 
@@ -160,7 +159,7 @@ def check_against_fp32(moe: MoE, x: torch.Tensor, dout: torch.Tensor, chunks: in
     ref_out.backward(dout.float())
     errs = {"rel_err_out": rel_err(out, ref_out), "rel_err_dx": rel_err(xb.grad, xf.grad)}
     errs["rel_err_dw"] = max(rel_err(getattr(moe.experts, n).grad, getattr(ref, n).grad)
-                             for n in ("w_gate", "w_up", "w_down"))
+                             for n in EXPERT_WEIGHTS)
     moe.experts.zero_grad(set_to_none=True)
     return errs
 

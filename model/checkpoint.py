@@ -16,6 +16,11 @@ dense weights, and a router reads the dense weights and never touches the expert
 
 A save writes into a hidden temp dir next to the target and renames it into place, so a crash
 leaves either the old checkpoint or the new one, never a half-written one under the target name.
+
+Format version 2 holds each FFN's gate and up weights side by side in one tensor (`w_gate_up`:
+[E, D, 2F] for routed experts, [2F, D] for a dense FFN or the shared experts); version 1 kept
+them apart (`w_gate`, `w_up`). Version 1 checkpoints are read as version 2: the loaders join the
+two on reading (`_join_gate_up`).
 """
 
 from __future__ import annotations
@@ -25,10 +30,10 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import yaml
@@ -43,7 +48,8 @@ from model.tokenizer import HF_TOKENIZER_CONFIG
 PathLike = str | os.PathLike[str]
 
 FORMAT_NAME = "moray-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "moray.json"
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -187,6 +193,16 @@ def replace_dir(new: Path, target: Path) -> None:
 
 def _manifest_files(path: PathLike) -> tuple[Path, list[str]]:
     """The checkpoint dir and the files its manifest lists, after checking it is a moray checkpoint."""
+    root, files, _ = _manifest(path)
+    return root, files
+
+
+def format_version(path: PathLike) -> int:
+    """The checkpoint's format version (one of READABLE_VERSIONS)."""
+    return _manifest(path)[2]
+
+
+def _manifest(path: PathLike) -> tuple[Path, list[str], int]:
     root = Path(path)
     if not root.exists():
         raise CheckpointError(f"checkpoint {root} does not exist")
@@ -201,14 +217,42 @@ def _manifest_files(path: PathLike) -> tuple[Path, list[str]]:
         raise CheckpointError(f"{manifest_path}: cannot read the manifest: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{manifest_path}: not a moray checkpoint manifest (format must be {FORMAT_NAME!r})")
-    if manifest.get("version") != FORMAT_VERSION:
+    version = manifest.get("version")
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{manifest_path}: checkpoint format version {manifest.get('version')!r} is not supported "
-            f"(this moray reads version {FORMAT_VERSION})")
+            f"{manifest_path}: checkpoint format version {version!r} is not supported "
+            f"(this moray reads versions {', '.join(map(str, READABLE_VERSIONS))})")
     files = manifest.get("files")
     if not isinstance(files, list):
         raise CheckpointError(f"{manifest_path}: 'files' must be a list of file names")
-    return root, files
+    return root, files, version
+
+
+V = TypeVar("V")
+
+
+def _join_gate_up(found: dict[str, V], join: Callable[[V, V, int], V]) -> dict[str, V]:
+    """A version 1 checkpoint's tensors (or shapes) named as version 2: each `w_gate` and its
+    `w_up` joined into one `w_gate_up`, along the output dim (a routed-expert stack's last dim,
+    a linear layer's first). A `w_gate` without its `w_up` keeps its name, for the name checks
+    to report."""
+    out = dict(found)
+    for name in found:
+        stem, gate, rest = name.rpartition(".w_gate")
+        up = f"{stem}.w_up{rest}"
+        if gate and rest in ("", ".weight") and up in found:
+            out[f"{stem}.w_gate_up{rest}"] = join(out.pop(name), out.pop(up), -1 if is_expert_tensor(name) else 0)
+    return out
+
+
+def _join_tensors(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+    return torch.cat([a, b], dim)
+
+
+def _join_shapes(a: tuple[int, ...], b: tuple[int, ...], dim: int) -> tuple[int, ...]:
+    joined = list(a)
+    joined[dim] += b[dim]
+    return tuple(joined)
 
 
 def checkpoint_file(path: PathLike, filename: str) -> Path:
@@ -236,15 +280,19 @@ def _convert(tensor: torch.Tensor, device: str | torch.device, dtype: torch.dtyp
     return tensor.to(device=device, dtype=cast)
 
 
-def _read_file(file: Path, device: str | torch.device, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    with _open_safetensors(file) as handle:
-        return {name: _convert(handle.get_tensor(name), device, dtype) for name in handle.keys()}
+def _read_file(path: PathLike, filename: str, device: str | torch.device, dtype: torch.dtype | None
+               ) -> dict[str, torch.Tensor]:
+    """One file's tensors, named as this format version names them."""
+    with _open_safetensors(checkpoint_file(path, filename)) as handle:
+        state = {name: _convert(handle.get_tensor(name), device, dtype) for name in handle.keys()}
+    return _join_gate_up(state, _join_tensors) if format_version(path) == 1 else state
 
 
-def _read_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+def _read_shapes(path: PathLike, filename: str) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from a safetensors header, without reading the data."""
-    with _open_safetensors(file) as handle:
-        return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    with _open_safetensors(checkpoint_file(path, filename)) as handle:
+        shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    return _join_gate_up(shapes, _join_shapes) if format_version(path) == 1 else shapes
 
 
 def load_config(path: PathLike) -> ModelConfig:
@@ -273,7 +321,7 @@ def load_non_expert_state_dict(
     path: PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
     """Every tensor but the routed experts: embeddings, attention, norms, gates, shared experts."""
-    return _read_file(checkpoint_file(path, WEIGHTS_FILE), device, dtype)
+    return _read_file(path, WEIGHTS_FILE, device, dtype)
 
 
 def load_state_dict(
@@ -281,7 +329,7 @@ def load_state_dict(
 ) -> dict[str, torch.Tensor]:
     """The full state dict (non-expert and routed-expert tensors); `dtype` casts floating tensors."""
     state = load_non_expert_state_dict(path, device, dtype)
-    state.update(_read_file(checkpoint_file(path, EXPERTS_FILE), device, dtype))
+    state.update(_read_file(path, EXPERTS_FILE, device, dtype))
     return state
 
 
@@ -318,7 +366,7 @@ def load_expert_slice(
             else:
                 tensor = torch.cat([rows[i:i + 1] for i in ids])
             out[name] = _convert(tensor, device, dtype)
-    return out
+    return _join_gate_up(out, _join_tensors) if format_version(path) == 1 else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,10 +407,8 @@ def load_into(model: torch.nn.Module, path: PathLike, strict: bool = True) -> No
     Shapes are checked from the safetensors headers before any data is read; values are copied
     into the module's own tensors, so they take its dtype and device.
     """
-    weights = checkpoint_file(path, WEIGHTS_FILE)
-    experts = checkpoint_file(path, EXPERTS_FILE)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    found = {**_read_shapes(weights), **_read_shapes(experts)}
+    found = {**_read_shapes(path, WEIGHTS_FILE), **_read_shapes(path, EXPERTS_FILE)}
     check_tensors(expected, found, str(path), strict=strict)
-    state = {**_read_file(weights, "cpu", None), **_read_file(experts, "cpu", None)}
+    state = load_state_dict(path)
     model.load_state_dict(state, strict=strict)

@@ -1,10 +1,15 @@
 """The routed experts' SwiGLU as one autograd function that keeps only what backward needs.
 
-Autograd through the plain steps (gather, three grouped matmuls, silu, product, weighted
-combine) keeps the gathered rows [M, D], four [M, F] tensors and the expert outputs [M, D]
-alive until backward; with top-6 of 64 experts that is several times the layer's input. Here
-forward keeps the layer input and the two projections g = x W_gate, u = x W_up, and backward
-re-derives the rest: the gathered rows by the same gather, silu(g) * u elementwise, and the
+The gate and up weights of an expert lie side by side in one [D, 2F] matrix W_gate_up, so the
+two projections are one grouped product [g | u] = x W_gate_up, and backward's input gradient
+is one product over K = 2F ([dg | du] W_gate_up^T) instead of two and an add: fewer, larger
+matmuls (benchmarks/RESULTS.md has the probe and the layer before and after).
+
+Autograd through the plain steps (gather, two grouped matmuls, silu, product, weighted
+combine) keeps the gathered rows [M, D], three [M, F]-sized tensors and the expert outputs
+[M, D] alive until backward; with top-6 of 64 experts that is several times the layer's input.
+Here forward keeps the layer input and the projections [g | u], and backward re-derives the
+rest: the gathered rows by the same gather, silu(g) * u elementwise, and the
 combine weights' gradient from dz = dout W_down^T, which backward computes anyway, because
 <dout, h W_down> = <dout W_down^T, h>. No output row [M, D] is ever kept, and backward writes
 its [M, F] gradients over the saved projections (so it runs once per forward: retain_graph
@@ -20,9 +25,8 @@ walks the sorted rows in about that many blocks of whole experts instead (a hot 
 more rows than a block's share is cut into pieces) and combines each block into an fp32 sum
 as soon as it is computed, so only about [M / chunks, D] exists at a time. The price: one host
 read of the expert counts per layer (to cut the blocks), a read-modify-write of the [N, D] sum
-per block, and one matmul per expert for the products that must land in place (the weight
-gradients, and the input gradient's second term added to its first): `torch._grouped_mm` has
-no `out=` and no accumulate, and a grouped result would be one more block-sized tensor.
+per block, and one matmul per expert for the weight gradients, which must land in place: `torch._grouped_mm`
+has no `out=` and no accumulate, and a grouped result would be one more block-sized tensor.
 """
 
 from __future__ import annotations
@@ -107,51 +111,30 @@ def _weight_grad(total: torch.Tensor | None, block: RowBlock, a_rows: torch.Tens
     return total
 
 
-def _input_grad_rows(block: RowBlock, dg: torch.Tensor, du: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-                     impl: str) -> torch.Tensor:
-    """dg W_gate^T + du W_up^T per expert [rows, D]: the second product added in place expert by
-    expert, so a block makes one [rows, D] tensor and combines it once."""
-    dx_rows = grouped_mm(dg, w_gate[block.experts].transpose(-2, -1), block.counts, impl, block.offsets)
-    pieces = zip(dx_rows.split(block.host_counts), du.split(block.host_counts),
-                 w_up[block.experts].transpose(-2, -1).unbind(0))
-    for out, du_e, w_t in pieces:
-        out.addmm_(du_e, w_t)
-    return dx_rows
-
-
-def _single_input_grad(dg: torch.Tensor, du: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-                       dispatch: Dispatch | None, block: RowBlock, impl: str) -> torch.Tensor:
-    """dg W_gate^T + du W_up^T for all rows at once (no host counts, so one grouped product each),
-    reduced to tokens with a dispatch: each [M, D] product is reduced before the next is made."""
-    dx = None
-    for d_proj, w in ((dg, w_gate), (du, w_up)):
-        part = grouped_mm(d_proj, w.transpose(-2, -1), block.counts, impl, block.offsets)
-        if dispatch is not None:
-            part = slot_sum(part, dispatch.slots, None, dispatch.dropped > 0)
-        dx = part if dx is None else dx.add_(part)
-    return dx
+def _input_grad(block: RowBlock, dgu: torch.Tensor, w_gate_up: torch.Tensor, impl: str) -> torch.Tensor:
+    """[dg | du] W_gate_up^T per expert [rows, D]: both projections' input gradients in one product."""
+    return grouped_mm(dgu, w_gate_up[block.experts].transpose(-2, -1), block.counts, impl, block.offsets)
 
 
 class _ExpertSwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down, slot_weights, dispatch, blocks, impl):
+    def forward(ctx, x, w_gate_up, w_down, slot_weights, dispatch, blocks, impl):
         single = len(blocks) == 1
         out = None if single else BlockSum(*x.shape, x.dtype, x.device)
         projections = []
         for b in blocks:
             x_b = _block_rows(x, dispatch, b)
-            g = grouped_mm(x_b, w_gate[b.experts], b.counts, impl, b.offsets)
-            u = grouped_mm(x_b, w_up[b.experts], b.counts, impl, b.offsets)
+            gu = grouped_mm(x_b, w_gate_up[b.experts], b.counts, impl, b.offsets)
             del x_b
-            y = grouped_mm(swiglu(g, u), w_down[b.experts], b.counts, impl, b.offsets)
+            y = grouped_mm(swiglu(gu), w_down[b.experts], b.counts, impl, b.offsets)
             if dispatch is None:
                 out = y
             elif single:
                 out = slot_sum(y, dispatch.slots, slot_weights, dispatch.dropped > 0)
             else:
                 out.add(y, b.rows.start, dispatch.slots, slot_weights)
-            projections += [g, u]
-        ctx.save_for_backward(x, w_gate, w_up, w_down, *projections)
+            projections.append(gu)
+        ctx.save_for_backward(x, w_gate_up, w_down, *projections)
         ctx.dispatch, ctx.blocks, ctx.impl, ctx.consumed = dispatch, blocks, impl, False
         return out if single else out.result()
 
@@ -161,45 +144,45 @@ class _ExpertSwiGLU(torch.autograd.Function):
             raise RuntimeError("the expert step runs backward once per forward: its backward overwrites the saved "
                                "projections (model/expert_ffn.py), so retain_graph cannot reuse them")
         ctx.consumed = True
-        x, w_gate, w_up, w_down, *projections = ctx.saved_tensors
+        x, w_gate_up, w_down, *projections = ctx.saved_tensors
         dispatch, blocks, impl = ctx.dispatch, ctx.blocks, ctx.impl
         single = len(blocks) == 1
         dout = dout.contiguous()
         dx = None if single or dispatch is None else BlockSum(*x.shape, x.dtype, x.device)
-        dw_gate = dw_up = dw_down = None
+        dw_gate_up = dw_down = None
         if not single:
-            dw_gate, dw_up, dw_down = (_weight_grad_buffer(w, blocks) for w in (w_gate, w_up, w_down))
+            dw_gate_up, dw_down = (_weight_grad_buffer(w, blocks) for w in (w_gate_up, w_down))
         d_rows = []
-        for i, b in enumerate(blocks):
-            g, u = projections[2 * i], projections[2 * i + 1]
+        for b, gu in zip(blocks, projections):
             dy_b = _block_rows(dout, dispatch, b)
             dz = grouped_mm(dy_b, w_down[b.experts].transpose(-2, -1), b.counts, impl, b.offsets)  # d(loss)/d(h) before the combine weight
             row_weights = None if dispatch is None else dispatch.weights[b.rows].detach()
-            dg, du, wh, d_rows_b = swiglu_backward(dz, g, u, row_weights)  # wh: h scaled by the row's weight
+            dgu, wh, d_rows_b = swiglu_backward(dz, gu, row_weights)  # wh: h scaled by the row's weight
             if row_weights is not None:
                 d_rows.append(d_rows_b)
             dw_down = _weight_grad(dw_down, b, wh, dy_b, impl)
             del wh, dy_b
             x_b = _block_rows(x, dispatch, b)
-            dw_gate = _weight_grad(dw_gate, b, x_b, dg, impl)
-            dw_up = _weight_grad(dw_up, b, x_b, du, impl)
+            dw_gate_up = _weight_grad(dw_gate_up, b, x_b, dgu, impl)
             del x_b
-            if single:
-                dx = _single_input_grad(dg, du, w_gate, w_up, dispatch, b, impl)
+            dx_rows = _input_grad(b, dgu, w_gate_up, impl)
+            if dispatch is None:
+                dx = dx_rows
+            elif single:
+                dx = slot_sum(dx_rows, dispatch.slots, None, dispatch.dropped > 0)
             else:
-                dx.add(_input_grad_rows(b, dg, du, w_gate, w_up, impl), b.rows.start, dispatch.slots, None)
+                dx.add(dx_rows, b.rows.start, dispatch.slots, None)
         d_slot_weights = None
-        if dispatch is not None and ctx.needs_input_grad[4]:
+        if dispatch is not None and ctx.needs_input_grad[3]:
             d_slot_weights = slot_values(torch.cat(d_rows), dispatch)
         dx = dx if single or dispatch is None else dx.result()
-        return dx, dw_gate, dw_up, dw_down, d_slot_weights, None, None, None
+        return dx, dw_gate_up, dw_down, d_slot_weights, None, None, None
 
 
-def expert_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                  counts_E: torch.Tensor | None, dispatch: Dispatch | None = None, impl: str = "auto",
-                  chunks: int = 1) -> torch.Tensor:
-    """silu(x W_gate) * (x W_up) W_down per expert block of rows (counts_E None: one expert, all rows,
-    as the dense FFN and the shared experts are).
+def expert_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts_E: torch.Tensor | None,
+                  dispatch: Dispatch | None = None, impl: str = "auto", chunks: int = 1) -> torch.Tensor:
+    """silu(x W_gate) * (x W_up) W_down per expert block of rows, W_gate_up = [W_gate | W_up]
+    [E, D, 2F] (counts_E None: one expert, all rows, as the dense FFN and the shared experts are).
 
     Rows to rows ([M, D] sorted by expert -> [M, D]) without a dispatch; with one, x is the
     tokens [N, D] and the result is each token's weighted sum of its rows' outputs [N, D]
@@ -208,4 +191,4 @@ def expert_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     """
     slot_weights = None if dispatch is None else dispatch.slot_weights
     blocks = row_blocks(counts_E, chunks if dispatch is not None else 1)
-    return _ExpertSwiGLU.apply(x, w_gate, w_up, w_down, slot_weights, dispatch, blocks, impl)
+    return _ExpertSwiGLU.apply(x, w_gate_up, w_down, slot_weights, dispatch, blocks, impl)

@@ -49,21 +49,24 @@ class Link:
 
     `hf` holds one name for a tensor stored alike on both sides, one name per expert for a
     routed-expert stack (HF [out, in] per expert, moray [E, in, out]), or nothing for a
-    selection bias that the HF architecture does not have (zeros). `tied` marks moray's head when
-    it is the embedding (HF stores that once)."""
+    selection bias that the HF architecture does not have (zeros). `fused` HF tensors in a row
+    make one moray tensor (per expert), side by side along the output dim: moray holds an FFN's
+    gate and up projections as one (gate_proj, up_proj -> w_gate_up, fused 2). `tied` marks
+    moray's head when it is the embedding (HF stores that once)."""
 
     moray: str
     hf: tuple[str, ...]
     stacked: bool = False
     tied: bool = False
     swap_halves: bool = False  # the two input halves of a [out, 2 * in] weight trade places
+    fused: int = 1
 
 
 _MLA = {"wq": "q_proj", "wq_a": "q_a_proj", "q_norm": "q_a_layernorm", "wq_b": "q_b_proj",
         "wkv_a": "kv_a_proj_with_mqa", "kv_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "wo": "o_proj"}
 _GQA = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
-_FFN = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
-_MIXTRAL_EXPERT = {"w_gate": "w1", "w_up": "w3", "w_down": "w2"}
+_FFN = {"w_gate_up": ("gate_proj", "up_proj"), "w_down": ("down_proj",)}
+_MIXTRAL_EXPERT = {"w_gate_up": ("w1", "w3"), "w_down": ("w2",)}
 
 
 def moray_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -118,16 +121,16 @@ def _block_link(name: str, layer: str, rest: list[str], cfg: ModelConfig, arch: 
     mlp = f"{layer}.block_sparse_moe" if arch == "mixtral" else f"{layer}.mlp"
     kind = rest[1]
     if kind in _FFN:  # a dense layer's SwiGLU
-        return Link(name, (f"{mlp}.{_FFN[kind]}.weight",))
+        return Link(name, tuple(f"{mlp}.{hf}.weight" for hf in _FFN[kind]), fused=len(_FFN[kind]))
     if kind == "gate":
         return Link(name, (f"{mlp}.gate.weight",))
     if kind == "expert_bias":
         return Link(name, (f"{mlp}.gate.e_score_correction_bias",) if arch == "deepseek_v3" else ())
     if kind == "shared":
-        return Link(name, (f"{mlp}.shared_experts.{_FFN[rest[2]]}.weight",))
-    table = _MIXTRAL_EXPERT if arch == "mixtral" else _FFN
-    return Link(name, tuple(f"{mlp}.experts.{j}.{table[rest[2]]}.weight" for j in range(cfg.moe.n_routed_experts)),
-                stacked=True)
+        return Link(name, tuple(f"{mlp}.shared_experts.{hf}.weight" for hf in _FFN[rest[2]]), fused=len(_FFN[rest[2]]))
+    parts = (_MIXTRAL_EXPERT if arch == "mixtral" else _FFN)[rest[2]]
+    return Link(name, tuple(f"{mlp}.experts.{j}.{hf}.weight" for j in range(cfg.moe.n_routed_experts) for hf in parts),
+                stacked=True, fused=len(parts))
 
 
 def _swap_halves(t: torch.Tensor) -> torch.Tensor:
@@ -136,7 +139,10 @@ def _swap_halves(t: torch.Tensor) -> torch.Tensor:
 
 
 def _hf_shape(moray_shape: tuple[int, ...], link: Link) -> tuple[int, ...]:
-    return (moray_shape[2], moray_shape[1]) if link.stacked else moray_shape
+    """The shape of each HF tensor of the link (one expert's, one part of a fused tensor)."""
+    out, rest = (moray_shape[2], (moray_shape[1],)) if link.stacked else (moray_shape[0], moray_shape[1:])
+    return (out // link.fused, *rest)
+
 
 
 def _progress(total: int, desc: str, enabled: bool) -> tqdm:
@@ -253,8 +259,8 @@ def _import_plan(source: HFSource, hf: HFModel, dtype: torch.dtype | None) -> li
             out_dtype = first.dtype
 
         def pieces(link: Link = link, out_dtype: torch.dtype = out_dtype) -> Iterator[torch.Tensor]:
-            for name in link.hf:
-                tensor = source.read(name)
+            for i in range(0, len(link.hf), link.fused):
+                tensor = torch.cat([source.read(name) for name in link.hf[i:i + link.fused]])
                 if link.swap_halves:
                     tensor = _swap_halves(tensor)
                 yield (tensor.t() if link.stacked else tensor).to(out_dtype)
@@ -351,17 +357,23 @@ def _export_plan(ckpt: Path, cfg: ModelConfig, arch: str) -> list[_Out]:
         entry = entries[link.moray]
         if link.tied or not link.hf:
             continue
-        if not link.stacked:
-            plan.append(_Out(link.hf[0], entry.dtype, entry.shape, lambda entry=entry, link=link: iter([
-                _export_tensor(entry, link, cfg)])))
-            continue
         for j, name in enumerate(link.hf):
             plan.append(_Out(name, entry.dtype, _hf_shape(entry.shape, link),
-                             lambda entry=entry, j=j: iter([read_tensor(entry, rows=(j, j + 1))[0].t()])))
+                             lambda entry=entry, link=link, j=j: iter([_export_piece(entry, link, j, cfg)])))
     for name in mtp_shared_copies(cfg, cfg.mtp_depth):
         entry = entries["embed.weight" if name.endswith("embed_tokens.weight") else "head.weight"]
         plan.append(_Out(name, entry.dtype, entry.shape, lambda entry=entry: iter([read_tensor(entry)])))
     return plan
+
+
+def _export_piece(entry: TensorEntry, link: Link, j: int, cfg: ModelConfig) -> torch.Tensor:
+    """HF tensor j of the link ([out, in]): of a stack, expert j // fused's; of a fused tensor, its part."""
+    if link.stacked:
+        expert = j // link.fused
+        tensor = read_tensor(entry, rows=(expert, expert + 1))[0].t()
+    else:
+        tensor = _export_tensor(entry, link, cfg)
+    return tensor.chunk(link.fused, dim=0)[j % link.fused]
 
 
 def _export_tensor(entry: TensorEntry, link: Link, cfg: ModelConfig) -> torch.Tensor:
@@ -388,6 +400,10 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, max_shard_bytes: int = DEFA
     """Write a moray checkpoint as a transformers model dir (sharded safetensors + index, config,
     tokenizer files). `out_dir` must not exist or be empty."""
     ckpt, target = Path(ckpt), Path(out_dir)
+    if checkpoint.format_version(ckpt) != checkpoint.FORMAT_VERSION:  # export streams tensors as this version names them
+        raise checkpoint.CheckpointError(
+            f"checkpoint {ckpt} is format version {checkpoint.format_version(ckpt)}: export needs version "
+            f"{checkpoint.FORMAT_VERSION}; save it again with this moray (serving and training read it as it is)")
     cfg = checkpoint.load_config(ckpt)
     arch = hf_architecture(cfg)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):

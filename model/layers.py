@@ -25,17 +25,17 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """The dense FFN and the shared experts: down(silu(gate(x)) * up(x))."""
+    """The dense FFN and the shared experts: down(silu(gate(x)) * up(x)), the gate and up
+    projections one [2F, D] linear map (gate rows first), as the routed experts hold them."""
 
     def __init__(self, dim: int, inter_dim: int):
         super().__init__()
-        self.w_gate = nn.Linear(dim, inter_dim, bias=False)
-        self.w_up = nn.Linear(dim, inter_dim, bias=False)
+        self.w_gate_up = nn.Linear(dim, 2 * inter_dim, bias=False)
         self.w_down = nn.Linear(inter_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """As one expert of `expert_swiglu`: backward keeps the two projections, not four tensors."""
-        weights = (w.weight.t()[None] for w in (self.w_gate, self.w_up, self.w_down))
+        """As one expert of `expert_swiglu`: backward keeps the projections, not four tensors."""
+        weights = (w.weight.t()[None] for w in (self.w_gate_up, self.w_down))
         return expert_swiglu(x.reshape(-1, x.shape[-1]), *weights, counts_E=None).view(x.shape)
 
 

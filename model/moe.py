@@ -69,32 +69,37 @@ def expert_capacity(n_tokens: int, cfg: MoEConfig) -> int | None:
     return math.ceil(cfg.capacity_factor * n_tokens * cfg.top_k / cfg.n_routed_experts)
 
 
+# a routed-expert stack's tensors, by state-dict name: what shards load and checkpoints slice
+EXPERT_WEIGHTS = ("w_gate_up", "w_down")
+
+
 class RoutedExperts(nn.Module):
-    """A stack of SwiGLU experts as [n_experts, ...] tensors: the unit a shard owns and a checkpoint slices."""
+    """A stack of SwiGLU experts as [n_experts, ...] tensors: the unit a shard owns and a checkpoint
+    slices. Each expert's gate and up weights lie side by side, [W_gate | W_up] [D, 2F], so both
+    projections are one grouped product (model/expert_ffn.py)."""
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
-        self.w_gate = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
-        self.w_up = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.w_gate_up = nn.Parameter(torch.empty(n_experts, dim, 2 * inter_dim))
         self.w_down = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
 
     @property
     def n_experts(self) -> int:
-        return self.w_gate.shape[0]
+        return self.w_down.shape[0]
 
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         """Rows of x sorted by expert, counts_E rows per expert of this stack."""
-        return expert_swiglu(x_MD, self.w_gate, self.w_up, self.w_down, counts_E, impl=impl)
+        return expert_swiglu(x_MD, self.w_gate_up, self.w_down, counts_E, impl=impl)
 
     def combine(self, x_ND: torch.Tensor, dispatch: Dispatch, impl: str = "auto", chunks: int = 1) -> torch.Tensor:
         """Gather, experts and weighted combine in one step: each token's output [N, D] (in `chunks`
         blocks of rows, trading a little time for peak memory: see model/expert_ffn.py)."""
-        return expert_swiglu(x_ND, self.w_gate, self.w_up, self.w_down, dispatch.counts, dispatch, impl, chunks)
+        return expert_swiglu(x_ND, self.w_gate_up, self.w_down, dispatch.counts, dispatch, impl, chunks)
 
     def reference(self, x_MD: torch.Tensor, counts_E: torch.Tensor, impl: str = "loop") -> torch.Tensor:
         """The plain autograd composition: the definition the fused step is checked against."""
-        h = F.silu(grouped_mm(x_MD, self.w_gate, counts_E, impl)) * grouped_mm(x_MD, self.w_up, counts_E, impl)
-        return grouped_mm(h, self.w_down, counts_E, impl)
+        g, u = grouped_mm(x_MD, self.w_gate_up, counts_E, impl).chunk(2, dim=-1)
+        return grouped_mm(F.silu(g) * u, self.w_down, counts_E, impl)
 
 
 class RemoteRoutedExperts(Protocol):

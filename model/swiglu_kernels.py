@@ -22,43 +22,45 @@ except ImportError:  # the CPU build of torch comes without Triton
 HAVE_TRITON = triton is not None
 
 
-def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """silu(g) * u."""
-    if _use_triton(g):
-        h = torch.empty_like(g)
-        n = g.numel()
-        _swiglu_fwd_kernel[(triton.cdiv(n, 4096),)](g, u, h, n, BLOCK=4096)
+def swiglu(gu: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u of the gate and up projections side by side, gu = [g | u] [rows, 2F] -> [rows, F]."""
+    g, u = gu.chunk(2, dim=-1)
+    if _use_triton(gu):
+        M, F_ = g.shape
+        h = gu.new_empty(M, F_)
+        if M:
+            _swiglu_fwd_kernel[(M, triton.cdiv(F_, 1024))](gu, h, F_, BLOCK=1024)
         return h
     return F.silu(g) * u
 
 
-def swiglu_backward(dz: torch.Tensor, g: torch.Tensor, u: torch.Tensor, row_weights: torch.Tensor | None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Given dz = d(loss)/d(h) before each row's combine weight w, returns (dg, du, w h, d_w):
-    the gradients of g and u (times w), h = silu(g) * u recomputed and scaled by w, and
-    d_w = <dz, h> per row (None without row weights). w h is what the down projection's weight
-    gradient needs, (w h)^T dy = h^T (w dy): scaling here, where h is written anyway, saves a
-    pass over the wider [rows, D] output gradient. All three inputs are consumed: on the GPU
-    dz's storage becomes dg, u's du and g's w h, so backward makes no [rows, F] tensor of its own."""
-    if _use_triton(dz) and g.is_contiguous() and u.is_contiguous():
+def swiglu_backward(dz: torch.Tensor, gu: torch.Tensor, row_weights: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Given dz = d(loss)/d(h) before each row's combine weight w and the projections gu = [g | u],
+    returns (dgu, w h, d_w): the gradient [dg | du] of the projections (times w), h = silu(g) * u
+    recomputed and scaled by w, and d_w = <dz, h> per row (None without row weights). w h is what
+    the down projection's weight gradient needs, (w h)^T dy = h^T (w dy): scaling here, where h is
+    written anyway, saves a pass over the wider [rows, D] output gradient. Both inputs are
+    consumed: on the GPU gu's storage becomes dgu and dz's w h, so backward makes no [rows, F]
+    tensor of its own, and dgu is one operand for the input gradient's single product over 2F."""
+    if _use_triton(dz) and gu.is_contiguous():
         M, F_ = dz.shape
-        du, h = u, g  # each element is read before it is overwritten, by the same program
         d_w = torch.empty(M, dtype=torch.float32, device=dz.device) if row_weights is not None else None
-        if M:
-            _swiglu_bwd_kernel[(M,)](dz, g, u, h, du, row_weights if row_weights is not None else dz, d_w if d_w is not None else dz,
-                                     F_, HAS_W=row_weights is not None, BLOCK=1024)
-        return dz, du, h, d_w
+        if M:  # each element is read before it is overwritten, by the same program
+            _swiglu_bwd_kernel[(M,)](dz, gu, row_weights if row_weights is not None else dz,
+                                     d_w if d_w is not None else dz, F_, HAS_W=row_weights is not None, BLOCK=1024)
+        return gu, dz, d_w
+    g, u = gu.chunk(2, dim=-1)
     sig = torch.sigmoid(g)
     silu_g = g * sig
     h = silu_g * u
     d_w = None
     if row_weights is not None:
         d_w = (dz.float() * h.float()).sum(-1)
-        dz.mul_(row_weights[:, None].to(dz.dtype))
-        h.mul_(row_weights[:, None].to(h.dtype))
-    du = dz * silu_g
-    dg = dz.mul_(u).mul_(sig * (1 + g * (1 - sig)))
-    return dg, du, h, d_w
+        dz = dz * row_weights[:, None].to(dz.dtype)
+        h = h * row_weights[:, None].to(h.dtype)
+    dgu = torch.cat([dz * u * sig * (1 + g * (1 - sig)), dz * silu_g], dim=-1)
+    return dgu, h, d_w
 
 
 def gather_weighted_sum(rows_MD: torch.Tensor, slots_NK: torch.Tensor, weights_NK: torch.Tensor | None,
@@ -122,34 +124,35 @@ def _use_triton(t: torch.Tensor) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _swiglu_fwd_kernel(g_ptr, u_ptr, h_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-        u = tl.load(u_ptr + offs, mask=mask).to(tl.float32)
-        tl.store(h_ptr + offs, (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty), mask=mask)
+    def _swiglu_fwd_kernel(gu_ptr, h_ptr, F, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < F
+        g = tl.load(gu_ptr + row * 2 * F + offs, mask=mask).to(tl.float32)
+        u = tl.load(gu_ptr + row * 2 * F + F + offs, mask=mask).to(tl.float32)
+        tl.store(h_ptr + row * F + offs, (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _swiglu_bwd_kernel(dz_ptr, g_ptr, u_ptr, h_ptr, du_ptr, w_ptr, dw_ptr, F, HAS_W: tl.constexpr,
-                           BLOCK: tl.constexpr):
+    def _swiglu_bwd_kernel(dz_ptr, gu_ptr, w_ptr, dw_ptr, F, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+        """Row by row: dg over g, du over u (gu's two halves), w h over dz."""
         row = tl.program_id(0).to(tl.int64)
-        base = row * F
+        base, g_base = row * F, row * 2 * F
         w = tl.load(w_ptr + row).to(tl.float32) if HAS_W else 1.0
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, F, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < F
             dz = tl.load(dz_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(gu_ptr + g_base + offs, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(gu_ptr + g_base + F + offs, mask=mask, other=0.0).to(tl.float32)
             sig = tl.sigmoid(g)
             silu = g * sig
             h = silu * u
             acc += dz * h
             dz = dz * w
-            tl.store(h_ptr + base + offs, (w * h).to(h_ptr.dtype.element_ty), mask=mask)
-            tl.store(du_ptr + base + offs, (dz * silu).to(du_ptr.dtype.element_ty), mask=mask)
-            tl.store(dz_ptr + base + offs, (dz * u * sig * (1 + g * (1 - sig))).to(dz_ptr.dtype.element_ty),
+            tl.store(dz_ptr + base + offs, (w * h).to(dz_ptr.dtype.element_ty), mask=mask)
+            tl.store(gu_ptr + g_base + F + offs, (dz * silu).to(gu_ptr.dtype.element_ty), mask=mask)
+            tl.store(gu_ptr + g_base + offs, (dz * u * sig * (1 + g * (1 - sig))).to(gu_ptr.dtype.element_ty),
                      mask=mask)
         if HAS_W:
             tl.store(dw_ptr + row, tl.sum(acc, axis=0))

@@ -18,6 +18,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.layers import SwiGLU
+from model.moe import EXPERT_WEIGHTS
 from model.transformer import Transformer
 
 DEFAULT_BALANCE_COEF = 0.01  # DeepSpeed's layer always computes its balance loss; weigh it like GShard
@@ -64,13 +65,14 @@ def stock_to_moray_state(state: dict[str, torch.Tensor], gathered_experts: dict[
 
 def gather_stock_experts(model: Transformer) -> dict[str, torch.Tensor]:
     """Every stock layer's experts gathered over its ep group, as moray's stacked tensors
-    (nn.Linear keeps [out, in]; moray stacks [in, out] per expert)."""
+    (nn.Linear keeps [out, in]; moray stacks [in, out] per expert; the experts are moray's SwiGLU,
+    so their gate and up rows are already side by side)."""
     out = {}
     for name, module in model.named_modules():
         if not isinstance(module, StockMoEBlock):
             continue
         experts = module.moe.deepspeed_moe.experts.deepspeed_experts
-        for weight in ("w_gate", "w_up", "w_down"):
+        for weight in EXPERT_WEIGHTS:
             local = torch.stack([getattr(e, weight).weight.detach().t() for e in experts]).contiguous()
             if module.moe.ep_size > 1:
                 parts = [torch.empty_like(local) for _ in range(module.moe.ep_size)]

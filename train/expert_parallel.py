@@ -49,7 +49,7 @@ from torch import nn
 
 from model.dispatch import Dispatch, combine_rows, dispatch_rows
 from model.expert_ffn import expert_swiglu
-from model.moe import MoE, RoutedExperts
+from model.moe import EXPERT_WEIGHTS, MoE, RoutedExperts
 from model.transformer import Transformer
 
 
@@ -129,9 +129,9 @@ class _Expert(nn.Module):
     """One SwiGLU expert's weights, in the per-expert layout DeepSpeed checkpoints. The parameters
     are the given tensors themselves (views into the rank's stacks, see `_stacked`)."""
 
-    def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, group_name: str):
+    def __init__(self, w_gate_up: torch.Tensor, w_down: torch.Tensor, group_name: str):
         super().__init__()
-        self.w_gate, self.w_up, self.w_down = (nn.Parameter(w) for w in (w_gate, w_up, w_down))
+        self.w_gate_up, self.w_down = nn.Parameter(w_gate_up), nn.Parameter(w_down)
         for p in self.parameters():
             p.allreduce = False
             p.group_name = group_name
@@ -165,14 +165,14 @@ class ExpertParallelExperts(DeepSpeedMoE):
         self.use_residual, self.enable_expert_tensor_parallelism = False, False
         local = slice(ep_rank * self.num_local_experts, (ep_rank + 1) * self.num_local_experts)
         # each kind's weights back to back in one tensor, every expert's parameters views into it
-        stacks = [w[local].detach().clone() for w in (full.w_gate, full.w_up, full.w_down)]
+        stacks = [getattr(full, name)[local].detach().clone() for name in EXPERT_WEIGHTS]
         self.deepspeed_moe = _ExpertHolder([_Expert(*(w[i] for w in stacks), self.expert_group_name)
                                             for i in range(self.num_local_experts)])
 
-    def local_stacks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's experts as [n_local, ...] stacks (autograd flows back to each expert)."""
+    def local_stacks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's experts as [n_local, ...] stacks, `EXPERT_WEIGHTS` (autograd flows back to each expert)."""
         experts = self.deepspeed_moe.experts.deepspeed_experts
-        return tuple(_stacked([getattr(e, name) for e in experts]) for name in ("w_gate", "w_up", "w_down"))
+        return tuple(_stacked([getattr(e, name) for e in experts]) for name in EXPERT_WEIGHTS)
 
     def start(self, x_ND: torch.Tensor, dispatch: Dispatch) -> EPDispatch | tuple[torch.Tensor, Dispatch]:
         """Send the rows to the ranks holding their experts (one rank: nothing to send)."""
@@ -187,10 +187,10 @@ class ExpertParallelExperts(DeepSpeedMoE):
         if self.ep_size == 1:
             x_ND, dispatch = sent
             return expert_swiglu(x_ND, *self.local_stacks(), dispatch.counts, dispatch)
-        exchange, (w_gate, w_up, w_down) = sent.exchange, self.local_stacks()
-        y_theirs = expert_swiglu(ep_dispatch_finish(sent), w_gate, w_up, w_down, exchange.their_counts)
+        exchange, weights = sent.exchange, self.local_stacks()
+        y_theirs = expert_swiglu(ep_dispatch_finish(sent), *weights, exchange.their_counts)
         returning = ep_combine_start(y_theirs, exchange, self.deepspeed_moe.ep_group)
-        y_own = expert_swiglu(sent.own_rows, w_gate, w_up, w_down, exchange.own_counts)
+        y_own = expert_swiglu(sent.own_rows, *weights, exchange.own_counts)
         return ep_combine_finish(returning, y_own, exchange)
 
 
@@ -357,14 +357,14 @@ def parallelize_experts(model: nn.Module, ep_size: int, ep_rank: int, group=None
 
 def parameters_kind_major(model: nn.Module) -> list[nn.Parameter]:
     """`model.parameters()`, but each expert-parallel layer's expert weights kind by kind (every
-    expert's w_gate, then every w_up, then every w_down) instead of expert by expert. Optimizers
+    expert's w_gate_up, then every w_down) instead of expert by expert. Optimizers
     that flatten their parameters into one buffer in group order (DeepSpeed's ZeRO and bf16
     optimizers) then keep each kind back to back, so `local_stacks` stays a view under them."""
     blocks: dict[int, list[nn.Parameter]] = {}
     for module in model.modules():
         if isinstance(module, ExpertParallelExperts):
             experts = module.deepspeed_moe.experts.deepspeed_experts
-            block = [getattr(e, kind) for kind in ("w_gate", "w_up", "w_down") for e in experts]
+            block = [getattr(e, kind) for kind in EXPERT_WEIGHTS for e in experts]
             blocks.update((id(p), block) for p in block)
     ordered, listed = [], set()
     for p in model.parameters():
@@ -382,7 +382,7 @@ def gather_expert_stacks(model: Transformer) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if not isinstance(module, ExpertParallelExperts):
             continue
-        for weight, local in zip(("w_gate", "w_up", "w_down"), module.local_stacks()):
+        for weight, local in zip(EXPERT_WEIGHTS, module.local_stacks()):
             local = local.detach().contiguous()
             if module.ep_size > 1:
                 parts = [torch.empty_like(local) for _ in range(module.ep_size)]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from model.checkpoint import (
@@ -31,10 +32,9 @@ INTER = 12
 VOCAB = 64
 
 EXPERT_NAMES = [
-    "layers.1.ffn.experts.w_gate",
-    "layers.1.ffn.experts.w_up",
+    "layers.1.ffn.experts.w_gate_up",
     "layers.1.ffn.experts.w_down",
-    "mtp.0.block.ffn.experts.w_gate",
+    "mtp.0.block.ffn.experts.w_gate_up",
 ]
 
 
@@ -54,22 +54,21 @@ def small_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
         "layers.1.ffn.gate.bias": torch.zeros(N_EXPERTS),
         "layers.1.ffn.shared_experts.w1.weight": torch.randn(INTER, DIM, generator=g).to(torch.bfloat16),
         "layers.1.ffn.tokens_per_expert": torch.arange(N_EXPERTS, dtype=torch.int64),
-        "layers.1.ffn.experts.w_gate": torch.randn(N_EXPERTS, DIM, INTER, generator=g),
-        "layers.1.ffn.experts.w_up": torch.randn(N_EXPERTS, DIM, INTER, generator=g),
+        "layers.1.ffn.experts.w_gate_up": torch.randn(N_EXPERTS, DIM, 2 * INTER, generator=g),
         "layers.1.ffn.experts.w_down": torch.randn(N_EXPERTS, INTER, DIM, generator=g),
-        "mtp.0.block.ffn.experts.w_gate": torch.randn(N_EXPERTS, DIM, INTER, generator=g),
+        "mtp.0.block.ffn.experts.w_gate_up": torch.randn(N_EXPERTS, DIM, 2 * INTER, generator=g),
         "head.weight": torch.randn(VOCAB, DIM, generator=g),
     }
 
 
 class TinyWithExperts(nn.Module):
-    """A module whose names follow the model's: `experts.w_gate` is a stacked routed-expert tensor."""
+    """A module whose names follow the model's: `experts.w_gate_up` is a stacked routed-expert tensor."""
 
     def __init__(self) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, DIM)
         self.experts = nn.Module()
-        self.experts.w_gate = nn.Parameter(torch.zeros(N_EXPERTS, DIM, INTER))
+        self.experts.w_gate_up = nn.Parameter(torch.zeros(N_EXPERTS, DIM, 2 * INTER))
 
 
 @pytest.fixture
@@ -159,8 +158,8 @@ def test_save_refuses_to_overwrite_unrelated_dir(tmp_path: Path) -> None:
 
 def test_save_rejects_expert_tensor_of_wrong_expert_count(tmp_path: Path) -> None:
     state = small_state_dict()
-    state["layers.1.ffn.experts.w_up"] = torch.zeros(N_EXPERTS - 1, DIM, INTER)
-    with pytest.raises(CheckpointError, match=r"layers\.1\.ffn\.experts\.w_up.*\[7, 16, 12\]"):
+    state["layers.1.ffn.experts.w_down"] = torch.zeros(N_EXPERTS - 1, INTER, DIM)
+    with pytest.raises(CheckpointError, match=r"layers\.1\.ffn\.experts\.w_down.*\[7, 12, 16\]"):
         save_checkpoint(tmp_path / "ckpt", small_config(), state)
     assert not (tmp_path / "ckpt").exists()
 
@@ -219,12 +218,12 @@ def test_truncated_file_is_named(saved) -> None:
 
 def test_load_into_module(tmp_path: Path) -> None:
     source = TinyWithExperts()
-    nn.init.normal_(source.experts.w_gate)
+    nn.init.normal_(source.experts.w_gate_up)
     path = save_checkpoint(tmp_path / "ckpt", small_config(), source.state_dict())
     target = TinyWithExperts().to(torch.bfloat16)
     load_into(target, path)
-    assert target.experts.w_gate.dtype == torch.bfloat16
-    assert torch.equal(target.experts.w_gate, source.experts.w_gate.detach().to(torch.bfloat16))
+    assert target.experts.w_gate_up.dtype == torch.bfloat16
+    assert torch.equal(target.experts.w_gate_up, source.experts.w_gate_up.detach().to(torch.bfloat16))
     assert torch.equal(target.embed.weight, source.embed.weight.detach().to(torch.bfloat16))
 
 
@@ -277,3 +276,51 @@ def test_transformer_round_trip(tmp_path: Path, tie_embeddings: bool) -> None:
     for name, tensor in expected.items():
         assert torch.equal(loaded[name], tensor), name
     assert load_expert_slice(path, [3]).keys() == {n for n in expected if ".experts." in n}
+
+
+def _as_version_1(path: Path) -> None:
+    """Rewrite a checkpoint as format version 1 wrote it: each FFN's gate and up weights apart."""
+    for file in (WEIGHTS_FILE, EXPERTS_FILE):
+        state = load_file(path / file)
+        for name in [n for n in state if ".w_gate_up" in n]:
+            gate, up = state.pop(name).chunk(2, dim=-1 if ".experts." in name else 0)
+            state[name.replace(".w_gate_up", ".w_gate")] = gate.contiguous()
+            state[name.replace(".w_gate_up", ".w_up")] = up.contiguous()
+        save_file(state, path / file)
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    (path / MANIFEST_FILE).write_text(json.dumps({**manifest, "version": 1}))
+
+
+def test_version_1_checkpoint_reads_as_this_version(tmp_path: Path) -> None:
+    """Checkpoints written before the gate and up weights were joined still load, every way a
+    consumer reads them (the whole model, the router's dense part, a shard's expert slice), to
+    a model that computes what the saved one did; exporting one fails with a clear message."""
+    from model.hf import export_hf
+    from model.transformer import Transformer
+
+    cfg = ModelConfig(mtp_depth=1)
+    torch.manual_seed(0)
+    source = Transformer(cfg)
+    path = save_checkpoint(tmp_path / "ckpt", cfg, source.state_dict())
+    _as_version_1(path)
+    assert "layers.1.ffn.experts.w_up" in load_file(path / EXPERTS_FILE)
+    target = Transformer(cfg, init=False)
+    load_into(target, path)
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(target.state_dict()[name], tensor), name
+    tokens = torch.randint(0, cfg.vocab_size, (2, 9))
+    assert torch.equal(target(tokens)[0], source(tokens)[0])
+    dense = load_non_expert_state_dict(path)
+    assert torch.equal(dense["layers.0.ffn.w_gate_up.weight"], source.layers[0].ffn.w_gate_up.weight)
+    experts = load_expert_slice(path, [5, 2], prefix="layers.1.")
+    assert torch.equal(experts["layers.1.ffn.experts.w_gate_up"], source.layers[1].ffn.experts.w_gate_up[[5, 2]])
+    with pytest.raises(CheckpointError, match=r"format version 1: export needs version 2"):
+        export_hf(path, tmp_path / "hf", progress=False)
+
+
+def test_unknown_format_version_is_named(saved) -> None:
+    path = saved[0]
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    (path / MANIFEST_FILE).write_text(json.dumps({**manifest, "version": 7}))
+    with pytest.raises(CheckpointError, match=r"format version 7 is not supported \(this moray reads versions 1, 2\)"):
+        load_state_dict(path)

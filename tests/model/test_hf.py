@@ -97,8 +97,8 @@ def test_fp8_block_weights_are_dequantized(seed, tmp_path):
     for key in exact:
         assert torch.equal(exact[key], reference[key]), f"{key} is not the dequantized weight"
     default = load_state_dict(import_hf(hf_dir, tmp_path / "bf16", progress=False))
-    assert default["layers.2.ffn.experts.w_up"].dtype == torch.bfloat16
-    assert torch.equal(default["layers.2.ffn.experts.w_up"], reference["layers.2.ffn.experts.w_up"].bfloat16())
+    assert default["layers.2.ffn.experts.w_gate_up"].dtype == torch.bfloat16
+    assert torch.equal(default["layers.2.ffn.experts.w_gate_up"], reference["layers.2.ffn.experts.w_gate_up"].bfloat16())
     assert default["norm.weight"].dtype == torch.float32  # only fp8 tensors change dtype
 
 

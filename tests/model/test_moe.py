@@ -34,7 +34,8 @@ def loop_reference(moe: MoE, x_ND: torch.Tensor, keep=None) -> torch.Tensor:
             e = int(routing.experts[n, k])
             if keep is not None and not keep[n, k]:
                 continue
-            h = F.silu(x_ND[n] @ ex.w_gate[e]) * (x_ND[n] @ ex.w_up[e])
+            w_gate, w_up = ex.w_gate_up[e].chunk(2, dim=-1)
+            h = F.silu(x_ND[n] @ w_gate) * (x_ND[n] @ w_up)
             out[n] += routing.weights[n, k] * (h @ ex.w_down[e])
     if moe.shared is not None:
         out += moe.shared(x_ND)
@@ -64,7 +65,7 @@ def test_grouped_experts_equal_per_expert_loop(impl, overrides, seed):
     layer_out, _ = moe(x)
     assert (layer_out.view(-1, 32) - ref).abs().max() <= 1e-5
     g = torch.randn_like(ref)
-    params = [x, moe.experts.w_down, moe.experts.w_gate]
+    params = [x, moe.experts.w_down, moe.experts.w_gate_up]
     ref_grads = torch.autograd.grad((ref * g).sum(), params)
     for result in (out, layer_out.view(-1, 32)):
         grads = torch.autograd.grad((result * g).sum(), params, retain_graph=True)
@@ -79,11 +80,10 @@ def test_grouped_experts_equal_per_expert_loop(impl, overrides, seed):
 ], ids=["tokens", "rows", "tokens-4-blocks", "tokens-1-expert-blocks-capacity", "tokens-4-blocks-hot-expert-cut"])
 def test_fused_expert_step_equals_plain_autograd(impl, with_combine, chunks, capacity, hot, seed):
     """The memory-saving autograd function (model/expert_ffn.py) gives the plain composition's
-    output and every gradient: input, the three expert stacks and, through the combine weights,
+    output and every gradient: input, the two expert stacks and, through the combine weights,
     the gate; with an idle expert and fresh random inputs. In blocks of whole experts (down to one
     expert a block, the idle one included), with a hot expert cut across blocks, with copies
-    dropped by a capacity (blocks make their weight gradients and the input gradient's second
-    term one expert at a time, in place)."""
+    dropped by a capacity (blocks make their weight gradients one expert at a time, in place)."""
     moe = make_moe(seed, top_k=3)
     with torch.no_grad():
         moe.gate.weight[5] = -10.0 * moe.gate.weight[5].sign()  # expert 5 gets few or no tokens
@@ -95,7 +95,7 @@ def test_fused_expert_step_equals_plain_autograd(impl, with_combine, chunks, cap
     if capacity is not None:
         assert dispatch.dropped > 0, "the test needs dropped copies"
     ex = moe.experts
-    params = [x, ex.w_gate, ex.w_up, ex.w_down, moe.gate.weight]
+    params = [x, ex.w_gate_up, ex.w_down, moe.gate.weight]
     if with_combine:
         fused = ex.combine(x, dispatch, impl=impl, chunks=chunks)
         plain = unpermute(ex.reference(x[dispatch.token_index], dispatch.counts), dispatch)
@@ -106,7 +106,7 @@ def test_fused_expert_step_equals_plain_autograd(impl, with_combine, chunks, cap
     g = torch.randn_like(plain)
     grads = torch.autograd.grad((fused * g).sum(), params, allow_unused=True, retain_graph=True)
     ref_grads = torch.autograd.grad((plain * g).sum(), params, allow_unused=True)
-    for name, a, b in zip(["x", "w_gate", "w_up", "w_down", "gate"], grads, ref_grads):
+    for name, a, b in zip(["x", "w_gate_up", "w_down", "gate"], grads, ref_grads):
         if b is None:  # the rows path does not reach the gate
             assert a is None and not with_combine, name
             continue
@@ -157,8 +157,8 @@ def test_experts_without_tokens(chunks, seed):
     assert moe.last_load[[0, 3, 7]].sum() == 0
     assert (out[0] - loop_reference(moe, x)).abs().max() <= 1e-5
     out.sum().backward()
-    assert moe.experts.w_up.grad[[0, 3, 7]].abs().max() == 0
-    assert moe.experts.w_up.grad.abs().sum() > 0
+    assert moe.experts.w_gate_up.grad[[0, 3, 7]].abs().max() == 0
+    assert moe.experts.w_gate_up.grad.abs().sum() > 0
 
 
 def test_padding_rows_of_a_graph_bucket_count_in_no_experts_load(seed):
@@ -262,10 +262,11 @@ def test_dense_swiglu_equals_plain_autograd(seed):
     ffn = SwiGLU(32, 48)
     x = torch.randn(3, 7, 32, requires_grad=True)
     out = ffn(x)
-    plain = ffn.w_down(F.silu(ffn.w_gate(x)) * ffn.w_up(x))
+    gate, up = ffn.w_gate_up(x).chunk(2, dim=-1)
+    plain = ffn.w_down(F.silu(gate) * up)
     assert out.shape == plain.shape and (out - plain).abs().max() <= 1e-5
     g = torch.randn_like(out)
-    params = [x, ffn.w_gate.weight, ffn.w_up.weight, ffn.w_down.weight]
+    params = [x, ffn.w_gate_up.weight, ffn.w_down.weight]
     for a, b in zip(torch.autograd.grad((out * g).sum(), params), torch.autograd.grad((plain * g).sum(), params)):
         assert (a - b).abs().max() <= 1e-5 * max(1.0, float(b.abs().max()))
 

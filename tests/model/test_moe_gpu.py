@@ -18,17 +18,28 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_triton_swiglu_equals_torch_ops(seed):
-    g, u, dz = (torch.randn(300, 1408, device="cuda") for _ in range(3))
+    """The kernels read gate and up side by side in one [rows, 2F] tensor; F = 1408 spans two
+    of the forward's column blocks and two passes of the backward's row loop."""
+    gu, dz = torch.randn(300, 2 * 1408, device="cuda"), torch.randn(300, 1408, device="cuda")
+    g, u = gu.chunk(2, dim=-1)
     w = torch.rand(300, device="cuda")
-    assert rel(swiglu(g, u), swiglu(g.cpu(), u.cpu())) <= 1e-6
-    consumed = dz.clone(), g.clone(), u.clone()
+    assert rel(swiglu(gu), torch.nn.functional.silu(g) * u) <= 1e-6
+    assert rel(swiglu(gu), swiglu(gu.cpu())) <= 1e-6
+    consumed = dz.clone(), gu.clone()
     fast = swiglu_backward(*consumed, w)
-    plain = swiglu_backward(dz.cpu().clone(), g.cpu(), u.cpu(), w.cpu())
+    plain = swiglu_backward(dz.cpu().clone(), gu.cpu(), w.cpu())
     for a, b in zip(fast, plain):
         assert rel(a, b) <= 1e-5
-    assert rel(fast[2], w[:, None] * torch.nn.functional.silu(g) * u) <= 1e-6  # h, scaled by the row's weight
-    # backward makes no [rows, F] tensor: dg, du and w h are written over dz, u and g
-    assert [t.data_ptr() for t in fast[:3]] == [t.data_ptr() for t in (consumed[0], consumed[2], consumed[1])]
+    assert rel(fast[1], w[:, None] * torch.nn.functional.silu(g) * u) <= 1e-6  # h, scaled by the row's weight
+    # against autograd: [dg | du] of (w dz) . silu(g) u, and <dz, h> per row
+    gu_leaf = gu.clone().requires_grad_()
+    g_leaf, u_leaf = gu_leaf.chunk(2, dim=-1)
+    h = torch.nn.functional.silu(g_leaf) * u_leaf
+    (dgu_autograd,) = torch.autograd.grad(h, gu_leaf, dz * w[:, None])
+    assert rel(fast[0], dgu_autograd) <= 1e-5
+    assert rel(fast[2], (dz * h.detach()).sum(-1)) <= 1e-5
+    # backward makes no [rows, F] tensor: [dg | du] is written over [g | u], w h over dz
+    assert [t.data_ptr() for t in fast[:2]] == [t.data_ptr() for t in (consumed[1], consumed[0])]
 
 
 @pytest.mark.parametrize("weighted", [True, False])
@@ -85,7 +96,7 @@ def test_bf16_fused_layer_close_to_fp32(capacity, chunks, seed):
     xf = x.clone().requires_grad_()
     expected = unpermute(ref.reference(xf[dispatch.token_index], dispatch.counts, "loop"), dispatch)
     expected.backward(dout)
-    grads_fp32 = [p.grad.clone() for p in (ref.w_gate, ref.w_up, ref.w_down)]
+    grads_fp32 = [p.grad.clone() for p in (ref.w_gate_up, ref.w_down)]
     moe.experts.to(torch.bfloat16).zero_grad(set_to_none=True)
     xb = x.to(torch.bfloat16).requires_grad_()
     out = moe.experts.combine(xb, dispatch, chunks=chunks)
@@ -93,7 +104,7 @@ def test_bf16_fused_layer_close_to_fp32(capacity, chunks, seed):
     assert out.dtype == torch.bfloat16
     assert rel(out, expected) <= 1e-2
     assert rel(xb.grad, xf.grad) <= 1e-2
-    for p, g in zip((moe.experts.w_gate, moe.experts.w_up, moe.experts.w_down), grads_fp32):
+    for p, g in zip((moe.experts.w_gate_up, moe.experts.w_down), grads_fp32):
         assert rel(p.grad, g) <= 1e-2
 
 

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 from actors.transport import free_port
 from model.config import MoEConfig
-from model.moe import MoE
+from model.moe import EXPERT_WEIGHTS, MoE
 from train.expert_parallel import parallelize_experts
 
 DIM, TOKENS = 16, 24
@@ -62,7 +62,7 @@ def _differences(rank: int, seed: int, shared: bool, starve_last_rank: bool, dev
             "input grad": (x.grad[0] - x_all.grad.view(world, TOKENS, DIM)[rank]).abs().max()}
     # expert weights: this rank's slice of the full layer's gradients (every rank's tokens reach them)
     n_local = 8 // world
-    for name in ("w_gate", "w_up", "w_down"):
+    for name in EXPERT_WEIGHTS:
         grad = torch.stack([getattr(e, name).grad for e in ep.experts.deepspeed_moe.experts.deepspeed_experts])
         want = getattr(full.experts, name).grad[rank * n_local:(rank + 1) * n_local]
         diff[f"experts.{name} grad"] = (grad - want).abs().max() / max(1.0, float(want.abs().max()))
@@ -170,12 +170,12 @@ def test_local_stacks_alias_the_expert_weights_and_give_each_its_gradient(seed):
     for experts, aliased in ((layer.experts, True), (copy.deepcopy(layer.experts).double(), False)):
         per_expert = experts.deepspeed_moe.experts.deepspeed_experts
         stacks = experts.local_stacks()
-        assert (stacks[0].data_ptr() == per_expert[0].w_gate.data_ptr()) == aliased
-        for name, stack in zip(("w_gate", "w_up", "w_down"), stacks):
+        assert (stacks[0].data_ptr() == per_expert[0].w_gate_up.data_ptr()) == aliased
+        for name, stack in zip(EXPERT_WEIGHTS, stacks):
             assert torch.equal(stack, torch.stack([getattr(e, name) for e in per_expert])), name
         probes = [torch.randn_like(s) for s in stacks]
         sum((s * p).sum() for s, p in zip(stacks, probes)).backward()
-        for name, probe in zip(("w_gate", "w_up", "w_down"), probes):
+        for name, probe in zip(EXPERT_WEIGHTS, probes):
             for i, e in enumerate(per_expert):
                 assert torch.equal(getattr(e, name).grad, probe[i]), f"{name} of expert {i}"
 
@@ -203,7 +203,7 @@ def _deepspeed_layout(_rank: int, port: int, results) -> None:
         views = []
         for experts in layers:
             first = experts.deepspeed_moe.experts.deepspeed_experts[0]
-            for kind, stack in zip(("w_gate", "w_up", "w_down"), experts.local_stacks()):
+            for kind, stack in zip(EXPERT_WEIGHTS, experts.local_stacks()):
                 weight = getattr(first, kind)
                 flattened = weight.untyped_storage().nbytes() > stack.numel() * stack.element_size()
                 views.append((stack.data_ptr() == weight.data_ptr(), flattened))
