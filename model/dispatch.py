@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from model.permute_kernel import fused_permute, fused_permute_applies
-from model.swiglu_kernels import HAVE_TRITON, gather_scaled_rows, gather_weighted_sum
+from model.swiglu_kernels import gather_scaled_rows, gather_weighted_sum, triton_runs_on
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def slot_sum(rows_MD: torch.Tensor, slots_NK: torch.Tensor, weights_NK: torch.Te
     [start, start + len) are that tensor's and rows_MD holds the others (`gather_weighted_sum`)."""
     differentiable = torch.is_grad_enabled() and (rows_MD.requires_grad or
                                                    (weights_NK is not None and weights_NK.requires_grad))
-    if not differentiable and rows_MD.is_cuda and HAVE_TRITON:
+    if not differentiable and triton_runs_on(rows_MD):
         return gather_weighted_sum(rows_MD, slots_NK, weights_NK, inset=inset)
     if inset is not None:
         rows_MD = _join_inset(rows_MD, *inset)
@@ -165,7 +165,7 @@ def _slot_sum_into(out_ND: torch.Tensor, rows_mD: torch.Tensor, row0: int, slots
     """out += `slot_sum` restricted to the block of sorted rows [row0, row0 + m), no autograd."""
     if rows_mD.shape[0] == 0:
         return
-    if rows_mD.is_cuda and HAVE_TRITON:
+    if triton_runs_on(rows_mD):
         gather_weighted_sum(rows_mD, slots_NK, weights_NK, out_ND, row0)
         return
     local = slots_NK - row0

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from model.swiglu_kernels import HAVE_TRITON
+from model.swiglu_kernels import HAVE_TRITON, triton_runs_on
 
 if HAVE_TRITON:
     import triton
@@ -27,7 +27,7 @@ _TILE = 512  # copies per program: a few per SM at 16k tokens, and few enough to
 
 def fused_permute_applies(experts_NK: torch.Tensor, n_experts: int) -> bool:
     """On a GPU with Triton, for up to 1,024 experts: each program holds one offset per expert."""
-    return HAVE_TRITON and experts_NK.is_cuda and experts_NK.numel() > 0 and n_experts <= MAX_SORTED_EXPERTS
+    return triton_runs_on(experts_NK) and experts_NK.numel() > 0 and n_experts <= MAX_SORTED_EXPERTS
 
 
 def fused_permute(experts_NK: torch.Tensor, weights_NK: torch.Tensor, n_experts: int

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from model.config import MoEConfig
-from model.swiglu_kernels import HAVE_TRITON
+from model.swiglu_kernels import HAVE_TRITON, triton_runs_on
 
 if HAVE_TRITON:
     import triton
@@ -26,7 +26,7 @@ MAX_FUSED_EXPERTS = 256  # one row of scores per program, in registers
 def fused_route_applies(logits_NE: torch.Tensor, cfg: MoEConfig) -> bool:
     """On a GPU with Triton, up to 256 experts; group-limited routing needs a power-of-two count."""
     E = cfg.n_routed_experts
-    if not (HAVE_TRITON and logits_NE.is_cuda and E <= MAX_FUSED_EXPERTS):
+    if not (triton_runs_on(logits_NE) and E <= MAX_FUSED_EXPERTS):
         return False
     return cfg.n_group == 1 or E & (E - 1) == 0
 

@@ -7,9 +7,15 @@ and the combine materializes every token's K rows before summing them; on a GPU 
 each is one kernel that reads its inputs once and writes its outputs once, which is both the
 time and the peak memory of the expert step outside its matmuls. Elsewhere (CPU, no Triton)
 callers use the PyTorch ops; both give the same values.
+
+With TRITON_INTERPRET=1 Triton runs the kernels on CPU tensors in its interpreter (numpy): the
+CPU test suite checks every kernel and the layers that call them that way
+(tests/model/test_kernels_interpreted.py), since GPUs come and go.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +26,12 @@ try:
 except ImportError:  # the CPU build of torch comes without Triton
     triton = None
 HAVE_TRITON = triton is not None
+INTERPRETED = HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_runs_on(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels serve this tensor: on a GPU, or anywhere in the interpreter."""
+    return HAVE_TRITON and (t.is_cuda or INTERPRETED)
 
 
 def swiglu(gu: torch.Tensor) -> torch.Tensor:
@@ -119,7 +131,7 @@ def gather_scaled_rows(src_ND: torch.Tensor, index_M: torch.Tensor, weights_M: t
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    return triton is not None and t.is_cuda and t.is_contiguous()
+    return triton_runs_on(t) and t.is_contiguous()
 
 
 if triton is not None:
