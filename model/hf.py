@@ -403,7 +403,8 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, max_shard_bytes: int = DEFA
     if checkpoint.format_version(ckpt) != checkpoint.FORMAT_VERSION:  # export streams tensors as this version names them
         raise checkpoint.CheckpointError(
             f"checkpoint {ckpt} is format version {checkpoint.format_version(ckpt)}: export needs version "
-            f"{checkpoint.FORMAT_VERSION}; save it again with this moray (serving and training read it as it is)")
+            f"{checkpoint.FORMAT_VERSION}; write it again with this moray (model.checkpoint.save_checkpoint of "
+            f"load_config and load_state_dict, which read version 1) and export that")
     cfg = checkpoint.load_config(ckpt)
     arch = hf_architecture(cfg)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
