@@ -5,12 +5,13 @@ With TRITON_INTERPRET=1 Triton runs its kernels on CPU tensors in an interpreter
 kernel gates (`model.swiglu_kernels.triton_runs_on`) let them serve CPU tensors. The MoE tests
 (tests/model/test_moe.py: grouped experts against a per-expert loop, the fused step against
 plain autograd in blocks, with capacity drops and a hot expert cut across blocks, the expert-
-parallel permutation and combine) then run through every kernel in fp32 against the plain
+parallel permutation and combine) and the expert-parallel layer over two gloo ranks
+(tests/train/test_expert_parallel.py) then run through every kernel in fp32 against the plain
 PyTorch references at 1e-5; the routing kernel and the counting sort, which those tests' own
 references go through too, are checked against PyTorch's rule and stable sort directly
 (`_route_and_sort_equal_pytorch`). The interpreter is chosen when Triton is imported, so all of
-it runs in a process of its own. The GPU suite (test_moe_gpu.py) still checks bf16 and the real
-compiler; this checks the kernels' logic wherever the suite runs.
+it runs in processes of their own. The GPU suite (test_moe_gpu.py) still checks bf16 and the
+compiled kernels; this checks the kernels' logic wherever the suite runs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,9 +48,12 @@ def test_every_kernel_serves_cpu_tensors_in_the_interpreter():
     assert proc.stdout.split() == ["True", "True", "True"]
 
 
-def test_moe_tests_pass_through_the_triton_kernels():
-    proc = _interpreted("-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:warnings",
-                        "tests/model/test_moe.py", "--deselect", SLOW, timeout=1200)
+@pytest.mark.parametrize("selection", [
+    ("tests/model/test_moe.py", "--deselect", SLOW),
+    ("tests/train/test_expert_parallel.py", "-k", "gloo-2"),  # the rows' gathers and combines between two ranks
+], ids=["moe", "expert-parallel"])
+def test_moe_tests_pass_through_the_triton_kernels(selection):
+    proc = _interpreted("-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:warnings", *selection, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout
 
