@@ -157,8 +157,14 @@ def train_worker(config: dict) -> None:
         resume_dir = Path(config["resume_from"])
     state = json.loads((resume_dir / STATE_FILE).read_text()) if resume_dir else {"step": 0, "world_size": world}
     # same world size: DeepSpeed's checkpoint restores weights and optimizer exactly; another
-    # world size re-shards the experts, so the engine starts from the exported model weights
-    same_world = state["world_size"] == world
+    # world size re-shards the experts, so the engine starts from the exported model weights. So
+    # does a checkpoint written before the gate and up weights were joined (model format 1):
+    # its DeepSpeed files name the parameters of that layout
+    same_world = state["world_size"] == world and (
+        resume_dir is None or model_checkpoint.format_version(resume_dir / MODEL_DIR) == model_checkpoint.FORMAT_VERSION)
+    if resume_dir is not None and state["world_size"] == world and not same_world and rank == 0:
+        log.warning("%s was written by an older moray (model format %d): resuming from its model weights, with a "
+                    "fresh optimizer state", resume_dir, model_checkpoint.format_version(resume_dir / MODEL_DIR))
     init_from = str(resume_dir / MODEL_DIR) if resume_dir and not same_world else config.get("init_from")
     model = build_model(cfg, rank, init_from).to(device)
     micro, accum = micro_batch(cfg.train, world)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from model.checkpoint import (
@@ -25,6 +25,7 @@ from model.checkpoint import (
     tokenizer_file,
 )
 from model.config import MoEConfig, ModelConfig
+from tests.format_1 import rewrite_as_format_1
 
 N_EXPERTS = 8
 DIM = 16
@@ -278,19 +279,6 @@ def test_transformer_round_trip(tmp_path: Path, tie_embeddings: bool) -> None:
     assert load_expert_slice(path, [3]).keys() == {n for n in expected if ".experts." in n}
 
 
-def _as_version_1(path: Path) -> None:
-    """Rewrite a checkpoint as format version 1 wrote it: each FFN's gate and up weights apart."""
-    for file in (WEIGHTS_FILE, EXPERTS_FILE):
-        state = load_file(path / file)
-        for name in [n for n in state if ".w_gate_up" in n]:
-            gate, up = state.pop(name).chunk(2, dim=-1 if ".experts." in name else 0)
-            state[name.replace(".w_gate_up", ".w_gate")] = gate.contiguous()
-            state[name.replace(".w_gate_up", ".w_up")] = up.contiguous()
-        save_file(state, path / file)
-    manifest = json.loads((path / MANIFEST_FILE).read_text())
-    (path / MANIFEST_FILE).write_text(json.dumps({**manifest, "version": 1}))
-
-
 def test_version_1_checkpoint_reads_as_this_version(tmp_path: Path) -> None:
     """Checkpoints written before the gate and up weights were joined still load, every way a
     consumer reads them (the whole model, the router's dense part, a shard's expert slice), to
@@ -302,7 +290,7 @@ def test_version_1_checkpoint_reads_as_this_version(tmp_path: Path) -> None:
     torch.manual_seed(0)
     source = Transformer(cfg)
     path = save_checkpoint(tmp_path / "ckpt", cfg, source.state_dict())
-    _as_version_1(path)
+    rewrite_as_format_1(path)
     assert "layers.1.ffn.experts.w_up" in load_file(path / EXPERTS_FILE)
     target = Transformer(cfg, init=False)
     load_into(target, path)

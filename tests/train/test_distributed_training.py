@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -22,9 +23,11 @@ from cluster.sharded import ShardedModel
 from model.checkpoint import load_config as load_model_config
 from model.checkpoint import load_into
 from model.transformer import Transformer
+from tests.format_1 import rewrite_as_format_1
 from tests.routing_ties import untied_tokens
 from train.data import prepare_corpus
 from train.job import run_training
+from train.worker import DS_TAG, MODEL_DIR
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +131,22 @@ def test_resume_with_another_world_size_continues_the_loss(env):
                              resume_from=ckpt9)
     assert back_to_two.error is None and still_one.error is None
     assert abs(metrics_by_step(env, "two-again")[10]["loss"] - metrics_by_step(env, "still-one")[10]["loss"]) <= 1e-5
+
+
+def test_a_run_checkpoint_of_the_split_gate_and_up_layout_resumes_from_its_model_weights(env, tmp_path):
+    """A run checkpoint written before the gate and up weights were joined (model format 1) has
+    DeepSpeed files of the old parameters, which this moray must not read: with the same world
+    size it resumes from the model weights (read as format 2), on the original curve. Here its
+    DeepSpeed files are gone, so reading them would fail the run."""
+    ref = metrics_by_step(env, "uninterrupted")
+    old = tmp_path / "old-run-checkpoint"
+    shutil.copytree(_checkpoint_at(env, "uninterrupted", 8), old)
+    shutil.rmtree(old / DS_TAG)
+    rewrite_as_format_1(old / MODEL_DIR)
+    result = run_training(config(env, "from-format-1", "train.max_steps=9", "train.log_every=1",
+                                 "train.checkpoint_every=9"), resume_from=str(old))
+    assert result.error is None
+    assert abs(metrics_by_step(env, "from-format-1")[9]["loss"] - ref[9]["loss"]) <= 1e-5
 
 
 def test_bad_input_fails_before_any_worker_starts(env):
