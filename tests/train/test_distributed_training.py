@@ -13,7 +13,6 @@ import shutil
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import ray
