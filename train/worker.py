@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from omegaconf import OmegaConf
+from torch.profiler import record_function
 
 from cluster.config import MorayConfig, effective_ep_size, micro_batch
 from model import checkpoint as model_checkpoint
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 DS_TAG = "deepspeed"
 MODEL_DIR = "model"
 STATE_FILE = "train_state.json"
+# the ranges a step is made of, as a profile of `train_step` shows them (benchmarks/train_step.py)
+PHASES = ("moray.forward", "moray.backward", "moray.optimizer", "moray.balance", "moray.metrics")
 
 
 def build_model(cfg: MorayConfig, rank: int, init_from: str | None) -> Transformer:
@@ -141,6 +144,54 @@ def _mean_over_ranks(values: list[float], device: torch.device) -> float:
     return float(t) / dist.get_world_size()
 
 
+def build_engine(cfg: MorayConfig, rank: int, world: int, init_from: str | None, device: torch.device
+                 ) -> tuple[deepspeed.DeepSpeedEngine, Transformer, torch.optim.lr_scheduler.LRScheduler]:
+    """This rank's model under its DeepSpeed engine: what every worker trains, and what
+    benchmarks/train_step.py times outside Ray Train."""
+    model = build_model(cfg, rank, init_from).to(device)
+    micro, accum = micro_batch(cfg.train, world)
+    scheduler_fn = lambda step: lr_at(step, cfg.train) / cfg.train.lr  # noqa: E731
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scheduler_fn)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, micro, accum))
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        moe.expert_bias.data = moe.expert_bias.data.float()  # bf16 would swallow the small bias steps
+    return engine, model, scheduler
+
+
+def train_step(engine: deepspeed.DeepSpeedEngine, model: Transformer, stream: TokenStream, cfg: MorayConfig,
+               step: int, rank: int, world: int, device: torch.device) -> tuple[dict, torch.Tensor]:
+    """One optimizer step over this rank's micro-batches; returns the step's metrics (means over
+    ranks) and the routed load per layer summed over ranks."""
+    micro, accum = micro_batch(cfg.train, world)
+    with record_function("moray.step"):
+        model.train()
+        losses, mtps, auxes = [], [], []
+        for m in range(accum):
+            first = (m * world + rank) * micro
+            inputs, targets = stream.step_batch(step, cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed,
+                                                first, micro)
+            with record_function("moray.forward"):
+                parts = engine.module.loss(inputs.to(device), targets.to(device))
+            with record_function("moray.backward"):
+                engine.backward(parts.loss)
+            with record_function("moray.optimizer"):
+                engine.step()
+            with record_function("moray.metrics"):
+                losses.append(parts.main.item())
+                mtps.append(parts.mtp.item() if parts.mtp is not None else 0.0)
+                auxes.append(parts.aux.item() if parts.aux is not None else 0.0)
+        with record_function("moray.balance"):
+            update_bias_everywhere(model)
+        with record_function("moray.metrics"):
+            loads = layer_loads(model).clone()
+            dist.all_reduce(loads)
+            metrics = {"loss": _mean_over_ranks(losses, device), "mtp_loss": _mean_over_ranks(mtps, device),
+                       "aux_loss": _mean_over_ranks(auxes, device), "imbalance": load_imbalance(loads)}
+    return metrics, loads
+
+
 def train_worker(config: dict) -> None:
     cfg: MorayConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MorayConfig), config["cfg"]))
     ctx = ray.train.get_context()
@@ -166,15 +217,7 @@ def train_worker(config: dict) -> None:
         log.warning("%s was written by an older moray (model format %d): resuming from its model weights, with a "
                     "fresh optimizer state", resume_dir, model_checkpoint.format_version(resume_dir / MODEL_DIR))
     init_from = str(resume_dir / MODEL_DIR) if resume_dir and not same_world else config.get("init_from")
-    model = build_model(cfg, rank, init_from).to(device)
-    micro, accum = micro_batch(cfg.train, world)
-    scheduler_fn = lambda step: lr_at(step, cfg.train) / cfg.train.lr  # noqa: E731
-    optimizer = build_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scheduler_fn)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, micro, accum))
-    for moe in (m for m in model.modules() if isinstance(m, MoE)):
-        moe.expert_bias.data = moe.expert_bias.data.float()  # bf16 would swallow the small bias steps
+    engine, model, scheduler = build_engine(cfg, rank, world, init_from, device)
     if resume_dir is not None and same_world:
         engine.load_checkpoint(str(resume_dir), tag=DS_TAG)
 
@@ -184,23 +227,8 @@ def train_worker(config: dict) -> None:
     window: list[dict] = []
     last_report = time.perf_counter()
     for step in range(start, cfg.train.max_steps):
-        model.train()
-        losses, mtps, auxes = [], [], []
-        for m in range(accum):
-            first = (m * world + rank) * micro
-            inputs, targets = stream.step_batch(step, cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed,
-                                                first, micro)
-            parts = engine.module.loss(inputs.to(device), targets.to(device))
-            engine.backward(parts.loss)
-            engine.step()
-            losses.append(parts.main.item())
-            mtps.append(parts.mtp.item() if parts.mtp is not None else 0.0)
-            auxes.append(parts.aux.item() if parts.aux is not None else 0.0)
-        update_bias_everywhere(model)
-        loads = layer_loads(model).clone()
-        dist.all_reduce(loads)
-        window.append({"loss": _mean_over_ranks(losses, device), "mtp_loss": _mean_over_ranks(mtps, device),
-                       "aux_loss": _mean_over_ranks(auxes, device), "imbalance": load_imbalance(loads)})
+        step_metrics, loads = train_step(engine, model, stream, cfg, step, rank, world, device)
+        window.append(step_metrics)
         done = step + 1
         if done % cfg.train.log_every == 0 or done % cfg.train.checkpoint_every == 0 or done == cfg.train.max_steps:
             elapsed = time.perf_counter() - last_report
