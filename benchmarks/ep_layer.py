@@ -173,10 +173,9 @@ class Rank:
             layer.zero_grad(set_to_none=True)
         self.full(xs)[0].backward(douts)
         self.ep(xs[self.rank][None])[0].backward(douts[self.rank][None])
-        local = self.ep.experts.deepspeed_moe.experts.deepspeed_experts
-        n_local, err = len(local), 0.0
-        for name in EXPERT_WEIGHTS:
-            got = torch.stack([getattr(e, name).grad for e in local]).float()
+        err = 0.0
+        for name, stack in zip(EXPERT_WEIGHTS, self.ep.experts.local_stacks()):
+            got, n_local = stack.grad.float(), stack.shape[0]
             want = getattr(self.full.experts, name).grad[self.rank * n_local:(self.rank + 1) * n_local].float()
             err = max(err, float((got - want).norm() / want.norm()))
         return err

@@ -9,7 +9,9 @@ bias update, metrics), the host syncs, and the kernels by GPU time.
 A step that is host-bound shows a low busy share whatever its kernels cost.
 
 Run: python benchmarks/train_step.py --preset small --impl moray deepspeed
-     python benchmarks/train_step.py --cpu      (tiny on gloo: checks that it runs)
+     python benchmarks/train_step.py --cpu --preset tiny      (gloo: checks that it runs)
+     python benchmarks/train_step.py --cpu --micro-batch 1 --seq-len 16 --set model.dim=64 ...
+         (`small`'s layers, experts and parameter count at negligible width: the host's cost)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, schedule
 
 from cluster.config import load_config
 from train.data import TokenStream, prepare_corpus
@@ -70,8 +72,8 @@ def run(impl: str, args, work: Path, device: torch.device, dense: float | None) 
     cfg = load_config(args.preset, [
         f"train.moe_impl={impl}", "train.num_workers=1", f"train.use_gpu={str(gpu).lower()}",
         f"train.batch_size={args.micro_batch}", f"train.seq_len={args.seq_len}",
-        f"train.max_steps={args.steps + args.profile_steps}", "train.warmup_steps=2",
-        f"train.data_dir={work / 'corpus'}"])
+        f"train.max_steps={args.steps + 1 + args.profile_steps}", "train.warmup_steps=2",
+        f"train.data_dir={work / 'corpus'}", *args.set])
     engine, model, _ = build_engine(cfg, 0, 1, None, device)
     stream = TokenStream(cfg.train.data_dir)
     sync = torch.cuda.synchronize if gpu else (lambda: None)
@@ -86,11 +88,15 @@ def run(impl: str, args, work: Path, device: torch.device, dense: float | None) 
     step_s = statistics.median(warm)
     tokens = args.micro_batch * args.seq_len
     tflops = flops_per_token(cfg.model, args.seq_len) * tokens / step_s / 1e12
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
-        for step in range(args.steps, args.steps + args.profile_steps):
+    # one step recorded and thrown away first: the profiler's own start-up lands in it
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else []),
+                 schedule=schedule(wait=0, warmup=1, active=args.profile_steps, repeat=1)) as prof:
+        for step in range(args.steps, args.steps + 1 + args.profile_steps):
             train_step(engine, model, stream, cfg, step, 0, 1, device)
-        sync()
-    row = {"impl": impl, "preset": args.preset, "tokens_per_step": tokens, "step_ms": step_s * 1e3,
+            sync()
+            prof.step()
+    row = {"impl": impl, "preset": args.preset, "parameters": sum(1 for _ in model.parameters()),
+           "tokens_per_step": tokens, "step_ms": step_s * 1e3,
            "step_ms_all": [round(t * 1e3, 2) for t in warm], "tokens_per_s": tokens / step_s, "model_tflops": tflops,
            "mfu_vs_measured_dense": tflops / dense if dense else None, "loss": metrics["loss"],
            **step_profile(prof, args.profile_steps, gpu)}
@@ -113,6 +119,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=25, help="rows of the profiler's op table")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. a preset's structure at negligible width, whose step time is "
+                             "then its host overhead: model.dim=64 model.moe.moe_inter_dim=32 ...")
     parser.add_argument("--cpu", action="store_true", help="gloo on CPU (use with a small preset): checks that it runs")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
@@ -126,18 +135,19 @@ def main() -> None:
     prepare_corpus(None, work / "corpus", vocab_size=2048, progress=False)
     rows = [run(impl, args, work, device, dense) for impl in args.impl]
     meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(0) if gpu else "cpu",
-            "torch": torch.__version__, "dense_bf16_tflops": dense, "micro_batch": args.micro_batch,
+            "torch": torch.__version__, "overrides": args.set, "threads": torch.get_num_threads(),
+            "dense_bf16_tflops": dense, "micro_batch": args.micro_batch,
             "seq_len": args.seq_len}
     print(json.dumps(meta))
     for r in rows:
         print(json.dumps(r))
-    print(f"\n{'impl':>10} {'step ms':>8} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'GPU busy':>8} {'syncs':>6}  "
+    print(f"\n{'impl':>10} {'params':>6} {'step ms':>8} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'GPU busy':>8} {'syncs':>6}  "
           + " ".join(f"{p.removeprefix('moray.'):>9}" for p in PHASES))
     for r in rows:
         busy = "-" if r["gpu_busy_ms"] is None else f"{r['gpu_busy_ms'] / r['wall_ms']:.0%}"
         mfu = "-" if r["mfu_vs_measured_dense"] is None else f"{r['mfu_vs_measured_dense']:.1%}"
         phases = " ".join(f"{ms:>9.1f}" for ms in r["phases"].values())
-        print(f"{r['impl']:>10} {r['step_ms']:>8.1f} {r['tokens_per_s']:>9.0f} {r['model_tflops']:>8.1f} {mfu:>6} "
+        print(f"{r['impl']:>10} {r['parameters']:>6} {r['step_ms']:>8.1f} {r['tokens_per_s']:>9.0f} {r['model_tflops']:>8.1f} {mfu:>6} "
               f"{busy:>8} {r['host_syncs']:>6.0f}  {phases}")
     print("(phases: ms of each step's wall time the host spent in each; GPU busy: share of the step's wall time)")
     if args.json:

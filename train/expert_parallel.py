@@ -28,14 +28,18 @@ travel and the own rows, and `combine_rows` sums each token's outputs from where
 join was one [M, D] copy in forward and one in backward). With two ranks the received rows
 come from one source and arrive already sorted by expert: no reordering pass on either side.
 
-Each kind of this rank's expert weights lies back to back in one tensor (every expert's
-parameters are views into it), so the grouped products get the [n_local, ...] stacks without
-a copy (`_stacked`).
+Each kind of this rank's expert weights is one parameter, the [n_local, ...] stack the grouped
+products read: DeepSpeed then reduces, clips, steps and checkpoints a few large tensors per
+layer instead of one per expert. Its per-parameter bookkeeping is host time every step (at
+`small`'s shape 930 parameters became 186), and its checkpoint writes one expert file per rank
+and layer instead of one per expert.
 
-The module is a `deepspeed.moe.layer.MoE` in DeepSpeed's eyes, with its parameters in
-DeepSpeed's per-expert layout (`deepspeed_moe.experts.deepspeed_experts.<i>.*`, tagged
+The module is a `deepspeed.moe.layer.MoE` in DeepSpeed's eyes, holding one DeepSpeed "expert"
+per rank (`deepspeed_moe.experts.deepspeed_experts.0.*`: the rank's stacks, tagged
 `allreduce=False` with the group name): the engine then reduces their gradients over the
-expert-data-parallel group only and writes them as expert checkpoint files.
+expert-data-parallel group only and writes them as expert checkpoint files, file `r` holding
+rank `r`'s stacks. Those files are read back only at the same expert-parallel size; any other
+resumes from moray's own checkpoint (train/worker.py).
 """
 
 from __future__ import annotations
@@ -125,13 +129,14 @@ def receive_rows(sent: RowsInFlight) -> torch.Tensor:
     return _ReceiveRows.apply(sent.buffer, sent.out_splits, sent.in_splits, sent.group, sent.work)
 
 
-class _Expert(nn.Module):
-    """One SwiGLU expert's weights, in the per-expert layout DeepSpeed checkpoints. The parameters
-    are the given tensors themselves (views into the rank's stacks, see `_stacked`)."""
+class _RankExperts(nn.Module):
+    """This rank's experts as one DeepSpeed expert: each kind of weight one [n_local, ...]
+    parameter, tagged as DeepSpeed's expert parameters of group `group_name`."""
 
-    def __init__(self, w_gate_up: torch.Tensor, w_down: torch.Tensor, group_name: str):
+    def __init__(self, stacks: list[torch.Tensor], group_name: str):
         super().__init__()
-        self.w_gate_up, self.w_down = nn.Parameter(w_gate_up), nn.Parameter(w_down)
+        for name, stack in zip(EXPERT_WEIGHTS, stacks):
+            setattr(self, name, nn.Parameter(stack))
         for p in self.parameters():
             p.allreduce = False
             p.group_name = group_name
@@ -140,7 +145,7 @@ class _Expert(nn.Module):
 class _ExpertHolder(nn.Module):
     """What DeepSpeed's engine looks for inside an MoE: `.experts.deepspeed_experts` and an ep group."""
 
-    def __init__(self, experts: list[_Expert]):
+    def __init__(self, experts: list[_RankExperts]):
         super().__init__()
         self.experts = nn.Module()
         self.experts.deepspeed_experts = nn.ModuleList(experts)
@@ -160,19 +165,19 @@ class ExpertParallelExperts(DeepSpeedMoE):
         if n_experts % ep_size:
             raise ValueError(f"{n_experts} experts do not split over ep_size {ep_size}")
         self.ep_size, self.ep_rank = ep_size, ep_rank
-        self.num_experts, self.num_local_experts = n_experts, n_experts // ep_size
+        n_local = n_experts // ep_size
+        # DeepSpeed's count: one expert per rank, the rank's stacks (its checkpoint files follow it)
+        self.num_experts, self.num_local_experts = ep_size, 1
         self.expert_group_name = f"ep_size_{ep_size}"
         self.use_residual, self.enable_expert_tensor_parallelism = False, False
-        local = slice(ep_rank * self.num_local_experts, (ep_rank + 1) * self.num_local_experts)
-        # each kind's weights back to back in one tensor, every expert's parameters views into it
+        local = slice(ep_rank * n_local, (ep_rank + 1) * n_local)
         stacks = [getattr(full, name)[local].detach().clone() for name in EXPERT_WEIGHTS]
-        self.deepspeed_moe = _ExpertHolder([_Expert(*(w[i] for w in stacks), self.expert_group_name)
-                                            for i in range(self.num_local_experts)])
+        self.deepspeed_moe = _ExpertHolder([_RankExperts(stacks, self.expert_group_name)])
 
-    def local_stacks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's experts as [n_local, ...] stacks, `EXPERT_WEIGHTS` (autograd flows back to each expert)."""
-        experts = self.deepspeed_moe.experts.deepspeed_experts
-        return tuple(_stacked([getattr(e, name) for e in experts]) for name in EXPERT_WEIGHTS)
+    def local_stacks(self) -> tuple[torch.Tensor, ...]:
+        """This rank's experts as [n_local, ...] stacks, `EXPERT_WEIGHTS` (the parameters themselves)."""
+        experts = self.deepspeed_moe.experts.deepspeed_experts[0]
+        return tuple(getattr(experts, name) for name in EXPERT_WEIGHTS)
 
     def start(self, x_ND: torch.Tensor, dispatch: Dispatch) -> EPDispatch | tuple[torch.Tensor, Dispatch]:
         """Send the rows to the ranks holding their experts (one rank: nothing to send)."""
@@ -192,36 +197,6 @@ class ExpertParallelExperts(DeepSpeedMoE):
         returning = ep_combine_start(y_theirs, exchange, self.deepspeed_moe.ep_group)
         y_own = expert_swiglu(sent.own_rows, *weights, exchange.own_counts)
         return ep_combine_finish(returning, y_own, exchange)
-
-
-class _StackedWeights(torch.autograd.Function):
-    """Weights lying back to back in one storage as one [n, ...] tensor, without a copy; backward
-    hands each its slice of the stacked gradient (the same views `torch.stack`'s backward gives)."""
-
-    @staticmethod
-    def forward(ctx, *weights: torch.Tensor) -> torch.Tensor:
-        first = weights[0]
-        return first.detach().as_strided((len(weights), *first.shape), (first.numel(), *first.stride()))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad.unbind(0)
-
-
-def _stacked(weights: list[torch.Tensor]) -> torch.Tensor:
-    """`torch.stack(weights)` (autograd to each), without its copy where the weights lie back to
-    back in one storage, as `ExpertParallelExperts` lays them out: at V2-Lite's shape the copy
-    was 0.37 ms of a 19 ms expert-parallel step. Anything that moves them apart (`.to()`; an
-    optimizer flattening its parameters in another order than `parameters_kind_major`) only
-    brings the copy back."""
-    first = weights[0]
-    step, base = first.numel() * first.element_size(), first.data_ptr()
-    fits = first.untyped_storage().nbytes() >= (first.storage_offset() + len(weights) * first.numel()) * \
-        first.element_size()
-    if fits and all(w.data_ptr() == base + i * step and w.shape == first.shape and w.dtype == first.dtype
-                    and w.is_contiguous() for i, w in enumerate(weights)):
-        return _StackedWeights.apply(*weights)
-    return torch.stack(weights)
 
 
 @dataclass(frozen=True)
@@ -353,26 +328,6 @@ def parallelize_experts(model: nn.Module, ep_size: int, ep_rank: int, group=None
         moe.experts = ExpertParallelExperts(moe.experts, ep_size, ep_rank)
         if group is not None:
             moe.experts.deepspeed_moe._set_ep_group(group)
-
-
-def parameters_kind_major(model: nn.Module) -> list[nn.Parameter]:
-    """`model.parameters()`, but each expert-parallel layer's expert weights kind by kind (every
-    expert's w_gate_up, then every w_down) instead of expert by expert. Optimizers
-    that flatten their parameters into one buffer in group order (DeepSpeed's ZeRO and bf16
-    optimizers) then keep each kind back to back, so `local_stacks` stays a view under them."""
-    blocks: dict[int, list[nn.Parameter]] = {}
-    for module in model.modules():
-        if isinstance(module, ExpertParallelExperts):
-            experts = module.deepspeed_moe.experts.deepspeed_experts
-            block = [getattr(e, kind) for kind in EXPERT_WEIGHTS for e in experts]
-            blocks.update((id(p), block) for p in block)
-    ordered, listed = [], set()
-    for p in model.parameters():
-        if id(p) not in listed:
-            block = blocks.get(id(p), [p])
-            ordered += block
-            listed.update(id(q) for q in block)
-    return ordered
 
 
 def gather_expert_stacks(model: Transformer) -> dict[str, torch.Tensor]:

@@ -32,13 +32,17 @@ from model.moe import MoE
 from model.transformer import Transformer
 from train.data import TokenStream
 from train.deepspeed_moe import StockMoEBlock, gather_stock_experts, stock_export_config, stock_to_moray_state, use_stock_moe
-from train.expert_parallel import gather_expert_stacks, parallelize_experts, parameters_kind_major
+from train.expert_parallel import gather_expert_stacks, parallelize_experts
 from train.plain import load_imbalance, lr_at
 
 log = logging.getLogger(__name__)
 DS_TAG = "deepspeed"
 MODEL_DIR = "model"
 STATE_FILE = "train_state.json"
+# what a run checkpoint's DeepSpeed files hold: 2 = each rank's experts as one stack per weight
+# kind (train/expert_parallel.py); before it (no entry) one parameter per expert. Only the
+# current layout is read back; an older one resumes from the model weights
+DEEPSPEED_LAYOUT = 2
 # the ranges a step is made of, as a profile of `train_step` shows them (benchmarks/train_step.py)
 PHASES = ("moray.forward", "moray.backward", "moray.optimizer", "moray.balance", "moray.metrics")
 
@@ -70,9 +74,9 @@ def deepspeed_config(cfg: MorayConfig, micro: int, accum: int) -> dict:
 
 
 def build_optimizer(model: Transformer, cfg: MorayConfig) -> torch.optim.Optimizer:
-    """AdamW over DeepSpeed's MoE parameter groups, the expert weights kind by kind (DeepSpeed
-    flattens them in this order: see `parameters_kind_major`)."""
-    params = parameters_kind_major(model)
+    """AdamW over DeepSpeed's MoE parameter groups (expert weights apart: they are reduced over
+    the expert-data-parallel group only)."""
+    params = list(model.parameters())
     decay = {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.train.weight_decay, "name": "decay"}
     no_decay = {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "name": "no_decay"}
     groups = split_params_into_different_moe_groups_for_optimizer([decay, no_decay])
@@ -209,13 +213,16 @@ def train_worker(config: dict) -> None:
     state = json.loads((resume_dir / STATE_FILE).read_text()) if resume_dir else {"step": 0, "world_size": world}
     # same world size: DeepSpeed's checkpoint restores weights and optimizer exactly; another
     # world size re-shards the experts, so the engine starts from the exported model weights. So
-    # does a checkpoint written before the gate and up weights were joined (model format 1):
-    # its DeepSpeed files name the parameters of that layout
-    same_world = state["world_size"] == world and (
-        resume_dir is None or model_checkpoint.format_version(resume_dir / MODEL_DIR) == model_checkpoint.FORMAT_VERSION)
-    if resume_dir is not None and state["world_size"] == world and not same_world and rank == 0:
-        log.warning("%s was written by an older moray (model format %d): resuming from its model weights, with a "
-                    "fresh optimizer state", resume_dir, model_checkpoint.format_version(resume_dir / MODEL_DIR))
+    # does a checkpoint whose DeepSpeed files an older moray wrote (their parameters are laid out
+    # otherwise), or whose model is format 1 (gate and up apart)
+    current = resume_dir is None or (
+        state.get("deepspeed_layout") == DEEPSPEED_LAYOUT
+        and model_checkpoint.format_version(resume_dir / MODEL_DIR) == model_checkpoint.FORMAT_VERSION)
+    same_world = state["world_size"] == world and current
+    if state["world_size"] == world and not current and rank == 0:
+        log.warning("%s was written by an older moray (DeepSpeed layout %s, model format %d): resuming from its "
+                    "model weights, with a fresh optimizer state", resume_dir, state.get("deepspeed_layout", 1),
+                    model_checkpoint.format_version(resume_dir / MODEL_DIR))
     init_from = str(resume_dir / MODEL_DIR) if resume_dir and not same_world else config.get("init_from")
     engine, model, scheduler = build_engine(cfg, rank, world, init_from, device)
     if resume_dir is not None and same_world:
@@ -255,5 +262,6 @@ def _report_with_checkpoint(engine, model: Transformer, cfg: MorayConfig, metric
             model_cfg = stock_export_config(cfg.model) if cfg.train.moe_impl == "deepspeed" else cfg.model
             model_checkpoint.save_checkpoint(Path(d) / MODEL_DIR, model_cfg, exported,
                                              tokenizer_file=Path(cfg.train.data_dir) / "tokenizer.json")
-            (Path(d) / STATE_FILE).write_text(json.dumps({"step": step, "world_size": world}))
+            state = {"step": step, "world_size": world, "deepspeed_layout": DEEPSPEED_LAYOUT}
+            (Path(d) / STATE_FILE).write_text(json.dumps(state))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

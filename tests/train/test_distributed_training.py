@@ -132,20 +132,28 @@ def test_resume_with_another_world_size_continues_the_loss(env):
     assert abs(metrics_by_step(env, "two-again")[10]["loss"] - metrics_by_step(env, "still-one")[10]["loss"]) <= 1e-5
 
 
-def test_a_run_checkpoint_of_the_split_gate_and_up_layout_resumes_from_its_model_weights(env, tmp_path):
-    """A run checkpoint written before the gate and up weights were joined (model format 1) has
-    DeepSpeed files of the old parameters, which this moray must not read: with the same world
-    size it resumes from the model weights (read as format 2), on the original curve. Here its
-    DeepSpeed files are gone, so reading them would fail the run."""
+@pytest.mark.parametrize("older", ["model format 1", "per-expert DeepSpeed parameters"])
+def test_a_run_checkpoint_of_an_older_layout_resumes_from_its_model_weights(env, tmp_path, older):
+    """A run checkpoint written before the gate and up weights were joined (model format 1), or
+    before each rank's experts became one DeepSpeed parameter per weight kind (no
+    `deepspeed_layout` in its state), has DeepSpeed files of other parameters, which this moray
+    must not read: with the same world size it resumes from the model weights, on the original
+    curve. Here its DeepSpeed files are gone, so reading them would fail the run."""
     ref = metrics_by_step(env, "uninterrupted")
     old = tmp_path / "old-run-checkpoint"
     shutil.copytree(_checkpoint_at(env, "uninterrupted", 8), old)
     shutil.rmtree(old / DS_TAG)
-    rewrite_as_format_1(old / MODEL_DIR)
-    result = run_training(config(env, "from-format-1", "train.max_steps=9", "train.log_every=1",
-                                 "train.checkpoint_every=9"), resume_from=str(old))
+    if older == "model format 1":
+        rewrite_as_format_1(old / MODEL_DIR)
+    else:
+        state = json.loads((old / "train_state.json").read_text())
+        del state["deepspeed_layout"]
+        (old / "train_state.json").write_text(json.dumps(state))
+    name = f"from-{older.replace(' ', '-')}"
+    result = run_training(config(env, name, "train.max_steps=9", "train.log_every=1", "train.checkpoint_every=9"),
+                          resume_from=str(old))
     assert result.error is None
-    assert abs(metrics_by_step(env, "from-format-1")[9]["loss"] - ref[9]["loss"]) <= 1e-5
+    assert abs(metrics_by_step(env, name)[9]["loss"] - ref[9]["loss"]) <= 1e-5
 
 
 def test_bad_input_fails_before_any_worker_starts(env):

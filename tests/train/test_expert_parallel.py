@@ -62,8 +62,8 @@ def _differences(rank: int, seed: int, shared: bool, starve_last_rank: bool, dev
             "input grad": (x.grad[0] - x_all.grad.view(world, TOKENS, DIM)[rank]).abs().max()}
     # expert weights: this rank's slice of the full layer's gradients (every rank's tokens reach them)
     n_local = 8 // world
-    for name in EXPERT_WEIGHTS:
-        grad = torch.stack([getattr(e, name).grad for e in ep.experts.deepspeed_moe.experts.deepspeed_experts])
+    for name, stack in zip(EXPERT_WEIGHTS, ep.experts.local_stacks()):
+        grad = stack.grad
         want = getattr(full.experts, name).grad[rank * n_local:(rank + 1) * n_local]
         diff[f"experts.{name} grad"] = (grad - want).abs().max() / max(1.0, float(want.abs().max()))
     # gate and shared experts: data-parallel, so the ranks' gradients sum to the full layer's
@@ -159,65 +159,3 @@ def test_shared_experts_run_while_rows_and_gradients_travel(run):
         assert backward == ["_ReceiveRowsBackward", "_ExpertSwiGLUBackward", "_SendRowsBackward",
                             "_ExpertSwiGLUBackward", "_ReceiveRowsBackward", "_ExpertSwiGLUBackward",
                             "_SendRowsBackward"], f"rank {rank}: {backward}"
-
-
-def test_local_stacks_alias_the_expert_weights_and_give_each_its_gradient(seed):
-    """The [n_local, ...] stacks the grouped products read are the experts' own weights (no
-    copy) as `parallelize_experts` lays them out; moved apart (here by a dtype change) they are
-    stacked by copy. Either way every expert gets exactly its slice of the gradient."""
-    layer = _layer(seed, shared=False)
-    parallelize_experts(layer, 2, 1)
-    for experts, aliased in ((layer.experts, True), (copy.deepcopy(layer.experts).double(), False)):
-        per_expert = experts.deepspeed_moe.experts.deepspeed_experts
-        stacks = experts.local_stacks()
-        assert (stacks[0].data_ptr() == per_expert[0].w_gate_up.data_ptr()) == aliased
-        for name, stack in zip(EXPERT_WEIGHTS, stacks):
-            assert torch.equal(stack, torch.stack([getattr(e, name) for e in per_expert])), name
-        probes = [torch.randn_like(s) for s in stacks]
-        sum((s * p).sum() for s, p in zip(stacks, probes)).backward()
-        for name, probe in zip(EXPERT_WEIGHTS, probes):
-            for i, e in enumerate(per_expert):
-                assert torch.equal(getattr(e, name).grad, probe[i]), f"{name} of expert {i}"
-
-
-def _deepspeed_layout(_rank: int, port: int, results) -> None:
-    """One rank: the training worker's model, optimizer and DeepSpeed engine (ZeRO-1, which
-    flattens the parameters into its own buffers), one step; what the stacks alias."""
-    import deepspeed
-
-    from cluster.config import load_config
-    from model.moe import MoE as MoELayer
-    from train.worker import build_model, build_optimizer, deepspeed_config
-
-    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1")  # as Ray Train sets them for DeepSpeed
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        cfg = load_config("tiny", ["train.moe_impl=moray", "train.num_workers=1", "train.ep_size=0"])
-        model = build_model(cfg, 0, None)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
-                                               config=deepspeed_config(cfg, 1, 1))
-        tokens = torch.randint(0, cfg.model.vocab_size, (1, 9)).to(engine.device)  # DeepSpeed moved the model to its accelerator
-        engine.backward(engine.module.loss(tokens[:, :-1], tokens[:, 1:]).loss)
-        engine.step()
-        layers = [m.experts for m in model.modules() if isinstance(m, MoELayer)]
-        views = []
-        for experts in layers:
-            first = experts.deepspeed_moe.experts.deepspeed_experts[0]
-            for kind, stack in zip(EXPERT_WEIGHTS, experts.local_stacks()):
-                weight = getattr(first, kind)
-                flattened = weight.untyped_storage().nbytes() > stack.numel() * stack.element_size()
-                views.append((stack.data_ptr() == weight.data_ptr(), flattened))
-        results["views"] = views
-    finally:
-        dist.destroy_process_group()
-
-
-def test_expert_stacks_stay_views_under_deepspeeds_flattened_parameters():
-    """DeepSpeed's ZeRO optimizer moves every parameter into one flat buffer in the optimizer
-    groups' order; the worker lists the expert weights kind by kind, so each kind still lies back
-    to back there and the grouped products read it without a copy."""
-    results = mp.Manager().dict()
-    mp.spawn(_deepspeed_layout, args=(free_port("127.0.0.1"), results), nprocs=1, join=True)
-    views = results["views"]
-    assert views and all(flattened for _, flattened in views), "the test needs DeepSpeed's flat buffers"
-    assert all(aliased for aliased, _ in views), views
