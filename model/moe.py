@@ -198,6 +198,6 @@ class MoE(nn.Module):
         across ranks by distributed training so every rank applies the same change).
         """
         load = (self.pending_load if load_E is None else load_E).float()
-        if self.cfg.bias_balancing and load.sum() > 0:
+        if self.cfg.bias_balancing:  # no load, no change: sign(0 - 0) (and no host sync to ask)
             self.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
         self.pending_load.zero_()

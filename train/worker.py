@@ -91,16 +91,20 @@ def layer_loads(model: Transformer) -> torch.Tensor:
 
 def update_bias_everywhere(model: Transformer) -> None:
     """Sum the routed load over ranks, so every rank applies the same bias change, and check
-    that it did: ranks routing with different biases would silently train different models."""
-    for moe in (m for m in model.modules() if isinstance(m, MoE)):
-        load = moe.pending_load.clone()
-        dist.all_reduce(load)
-        moe.update_bias(load)
-        lowest, highest = moe.expert_bias.clone(), moe.expert_bias.clone()
-        dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
-        dist.all_reduce(highest, op=dist.ReduceOp.MAX)
-        if not torch.equal(lowest, highest):
-            raise RuntimeError("expert balancing biases differ between ranks")
+    that it did: ranks routing with different biases would silently train different models.
+    All layers at once: two collectives and one host sync a step, not three and one per layer."""
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    if not layers:
+        return
+    loads = torch.cat([moe.pending_load.flatten() for moe in layers])
+    dist.all_reduce(loads)
+    for moe, load in zip(layers, loads.split([moe.pending_load.numel() for moe in layers])):
+        moe.update_bias(load.view_as(moe.pending_load))
+    biases = torch.cat([moe.expert_bias.flatten() for moe in layers])
+    extremes = torch.cat([biases, -biases])  # the max of both: the highest and minus the lowest
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    if not torch.equal(extremes, torch.cat([biases, -biases])):
+        raise RuntimeError("expert balancing biases differ between ranks")
 
 
 def export_state_dict(model: Transformer, impl: str) -> dict[str, torch.Tensor]:
