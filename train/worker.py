@@ -101,9 +101,10 @@ def update_bias_everywhere(model: Transformer) -> None:
     for moe, load in zip(layers, loads.split([moe.pending_load.numel() for moe in layers])):
         moe.update_bias(load.view_as(moe.pending_load))
     biases = torch.cat([moe.expert_bias.flatten() for moe in layers])
-    extremes = torch.cat([biases, -biases])  # the max of both: the highest and minus the lowest
+    own = torch.cat([biases, -biases])
+    extremes = own.clone()  # the max over ranks of both: the highest bias and minus the lowest
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-    if not torch.equal(extremes, torch.cat([biases, -biases])):
+    if not torch.equal(extremes, own):
         raise RuntimeError("expert balancing biases differ between ranks")
 
 
