@@ -23,6 +23,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from train.worker import PHASES, build_engine, train_step
 from train_throughput import dense_matmul_tflops, flops_per_token  # benchmarks/
 
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+SYNC_DEPTH = 4  # ops above a sync call named in its source
 
 
 def busy_us(intervals: list[tuple[float, float]]) -> float:
@@ -48,18 +50,46 @@ def busy_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def sync_source(event) -> str:
+    """Who made the host wait: the step's phase and the innermost ops above a sync call (e.g.
+    `moray.optimizer: ... > aten::item > aten::_local_scalar_dense`), so that each can be found."""
+    names, parent = [], event.cpu_parent
+    while parent is not None and parent.name not in PHASES:
+        names.append(parent.name)
+        parent = parent.cpu_parent
+    phase = parent.name if parent is not None else "(no phase)"
+    return f"{phase}: " + " > ".join(reversed(names[:SYNC_DEPTH]))
+
+
+def kernel_time(events) -> Counter:
+    """GPU time by kernel name (us)."""
+    total: Counter = Counter()
+    for e in events:
+        total[e.name] += e.time_range.end - e.time_range.start
+    return total
+
+
+def per_step(counts: Counter, steps: int, scale: float = 1.0, top: int = 40) -> dict[str, float]:
+    return {name: round(v * scale / steps, 3) for name, v in counts.most_common(top)}
+
+
 def step_profile(prof, steps: int, gpu: bool) -> dict:
     """Per step: wall time, GPU busy time, host syncs and each phase's wall time on the host
     (per phase GPU time is not attributed: autograd launches backward's kernels from a thread
     of its own)."""
     events = prof.events()
-    ranges = {"moray.step", *PHASES}  # on the GPU's timeline too, as annotations: not work
-    kernels = [(e.time_range.start, e.time_range.end) for e in events
-               if e.device_type.name == "CUDA" and e.name not in ranges]
+    # record_function ranges (moray's phases, the optimizer's step) show on the GPU's timeline
+    # too, as annotations: not work. Kernels and copies never share a name with a host op.
+    host_names = {e.name for e in events if e.device_type.name == "CPU"}
+    kernel_events = [e for e in events if e.device_type.name == "CUDA" and e.name not in host_names]
+    kernels = [(e.time_range.start, e.time_range.end) for e in kernel_events]
     steps_ev = [e for e in events if e.name == "moray.step" and e.device_type.name == "CPU"]
     wall = sum(e.time_range.end - e.time_range.start for e in steps_ev)
     out = {"wall_ms": wall / steps / 1e3, "gpu_busy_ms": busy_us(kernels) / steps / 1e3 if gpu else None,
-           "host_syncs": sum(1 for e in events if e.name in SYNC_CALLS) / steps, "phases": {}}
+           "host_syncs": sum(1 for e in events if e.name in SYNC_CALLS) / steps,
+           "kernels": len(kernel_events) / steps, "phases": {},
+           "sync_sources": per_step(Counter(sync_source(e) for e in events if e.name in SYNC_CALLS), steps),
+           "kernels_ms": per_step(kernel_time(kernel_events), steps, scale=1e-3)}
     for phase in PHASES:
         spans = [e for e in events if e.name == phase and e.device_type.name == "CPU"]
         out["phases"][phase.removeprefix("moray.")] = sum(e.time_range.end - e.time_range.start
@@ -141,15 +171,16 @@ def main() -> None:
     print(json.dumps(meta))
     for r in rows:
         print(json.dumps(r))
-    print(f"\n{'impl':>10} {'params':>6} {'step ms':>8} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'GPU busy':>8} {'syncs':>6}  "
+    print(f"\n{'impl':>10} {'params':>6} {'step ms':>8} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'GPU busy':>8} {'kernels':>7} {'syncs':>6}  "
           + " ".join(f"{p.removeprefix('moray.'):>9}" for p in PHASES))
     for r in rows:
         busy = "-" if r["gpu_busy_ms"] is None else f"{r['gpu_busy_ms'] / r['wall_ms']:.0%}"
         mfu = "-" if r["mfu_vs_measured_dense"] is None else f"{r['mfu_vs_measured_dense']:.1%}"
         phases = " ".join(f"{ms:>9.1f}" for ms in r["phases"].values())
         print(f"{r['impl']:>10} {r['parameters']:>6} {r['step_ms']:>8.1f} {r['tokens_per_s']:>9.0f} {r['model_tflops']:>8.1f} {mfu:>6} "
-              f"{busy:>8} {r['host_syncs']:>6.0f}  {phases}")
-    print("(phases: ms of each step's wall time the host spent in each; GPU busy: share of the step's wall time)")
+              f"{busy:>8} {r['kernels']:>7.0f} {r['host_syncs']:>6.0f}  {phases}")
+    print("(phases: ms of each step's wall time the host spent in each; GPU busy: share of the step's wall time; "
+          "kernels: launched per step)")
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     dist.destroy_process_group()

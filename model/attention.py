@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.layers import RMSNorm, apply_rope, rope_cos_sin, rope_frequencies, yarn_softmax_scale
+from model.layers import RMSNorm, apply_rope, rope_rotation, rope_frequencies, yarn_softmax_scale
 
 KVCache = dict[str, torch.Tensor]
 
@@ -106,11 +106,11 @@ class MLA(nn.Module):
         q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
         q = q.view(B, T, self.n_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        cos, sin = rope_cos_sin(self.freqs, layout.positions)
-        q_pe = apply_rope(q_pe, cos, sin, self.interleaved)
+        rotation = rope_rotation(self.freqs, layout.positions)
+        q_pe = apply_rope(q_pe, rotation, self.interleaved)
         latent, k_pe = self.wkv_a(x).split([self.kv_rank, self.rope_dim], dim=-1)
         latent = self.kv_norm(latent)
-        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.interleaved).squeeze(2)
+        k_pe = apply_rope(k_pe.unsqueeze(2), rotation, self.interleaved).squeeze(2)
         if cache is None:
             out = self._naive(q_nope, q_pe, latent, k_pe)
         else:
@@ -162,9 +162,9 @@ class GQA(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: StepLayout, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        cos, sin = rope_cos_sin(self.freqs, layout.positions)
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin, self.interleaved)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin, self.interleaved)
+        rotation = rope_rotation(self.freqs, layout.positions)
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rotation, self.interleaved)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rotation, self.interleaved)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         mask = None
         if cache is not None:

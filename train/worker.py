@@ -75,12 +75,14 @@ def deepspeed_config(cfg: MorayConfig, micro: int, accum: int) -> dict:
 
 def build_optimizer(model: Transformer, cfg: MorayConfig) -> torch.optim.Optimizer:
     """AdamW over DeepSpeed's MoE parameter groups (expert weights apart: they are reduced over
-    the expert-data-parallel group only)."""
+    the expert-data-parallel group only). Fused: one kernel over each of ZeRO's flat fp32
+    partitions instead of the foreach path's pass per arithmetic op (a fifth of small's GPU
+    time per step on an H100, benchmarks/RESULTS.md)."""
     params = list(model.parameters())
     decay = {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.train.weight_decay, "name": "decay"}
     no_decay = {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "name": "no_decay"}
     groups = split_params_into_different_moe_groups_for_optimizer([decay, no_decay])
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95), fused=True)
 
 
 def layer_loads(model: Transformer) -> torch.Tensor:
@@ -147,12 +149,6 @@ class RunLog:
               f"max/mean expert load {metrics['imbalance']:.2f}", flush=True)
 
 
-def _mean_over_ranks(values: list[float], device: torch.device) -> float:
-    t = torch.tensor(sum(values) / max(1, len(values)), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
-
-
 def build_engine(cfg: MorayConfig, rank: int, world: int, init_from: str | None, device: torch.device
                  ) -> tuple[deepspeed.DeepSpeedEngine, Transformer, torch.optim.lr_scheduler.LRScheduler]:
     """This rank's model under its DeepSpeed engine: what every worker trains, and what
@@ -176,7 +172,7 @@ def train_step(engine: deepspeed.DeepSpeedEngine, model: Transformer, stream: To
     micro, accum = micro_batch(cfg.train, world)
     with record_function("moray.step"):
         model.train()
-        losses, mtps, auxes = [], [], []
+        losses = []  # per micro-batch [main, mtp, aux], left on the device: one host sync a step
         for m in range(accum):
             first = (m * world + rank) * micro
             inputs, targets = stream.step_batch(step, cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed,
@@ -187,17 +183,17 @@ def train_step(engine: deepspeed.DeepSpeedEngine, model: Transformer, stream: To
                 engine.backward(parts.loss)
             with record_function("moray.optimizer"):
                 engine.step()
-            with record_function("moray.metrics"):
-                losses.append(parts.main.item())
-                mtps.append(parts.mtp.item() if parts.mtp is not None else 0.0)
-                auxes.append(parts.aux.item() if parts.aux is not None else 0.0)
+            losses.append(torch.stack([part.detach().float() if part is not None else torch.zeros((), device=device)
+                                       for part in (parts.main, parts.mtp, parts.aux)]))
         with record_function("moray.balance"):
             update_bias_everywhere(model)
         with record_function("moray.metrics"):
             loads = layer_loads(model).clone()
             dist.all_reduce(loads)
-            metrics = {"loss": _mean_over_ranks(losses, device), "mtp_loss": _mean_over_ranks(mtps, device),
-                       "aux_loss": _mean_over_ranks(auxes, device), "imbalance": load_imbalance(loads)}
+            means = torch.stack(losses).double().mean(0)
+            dist.all_reduce(means)
+            loss, mtp, aux = (means / world).tolist()
+            metrics = {"loss": loss, "mtp_loss": mtp, "aux_loss": aux, "imbalance": load_imbalance(loads)}
     return metrics, loads
 
 
