@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -39,6 +40,8 @@ class TrainConfig:
     # distributed training (Ray Train + DeepSpeed)
     num_workers: int = 2
     use_gpu: bool = False
+    # bf16 weights, activations and gradients under fp32 master weights; unset: on GPUs only
+    bf16: Optional[bool] = None
     # "moray" (dropless grouped MoE, expert parallel) or "deepspeed" (deepspeed.moe.layer.MoE)
     moe_impl: str = "moray"
     # expert-parallel group size; 0 means all workers. Must divide num_workers and the experts.

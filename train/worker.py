@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -67,7 +68,10 @@ def deepspeed_config(cfg: MorayConfig, micro: int, accum: int) -> dict:
         "gradient_accumulation_steps": accum,
         "gradient_clipping": cfg.train.grad_clip,
         "zero_optimization": {"stage": cfg.train.zero_stage},
-        "bf16": {"enabled": cfg.train.use_gpu},
+        # no per-parameter inf/NaN scan before each step (a fifth of small's step on a GPU, and
+        # host syncs): the clipping norm covers every gradient, skip_nonfinite_steps acts on it
+        "bf16": {"enabled": cfg.train.use_gpu if cfg.train.bf16 is None else cfg.train.bf16,
+                 "check_grad_overflow": False},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -83,6 +87,22 @@ def build_optimizer(model: Transformer, cfg: MorayConfig) -> torch.optim.Optimiz
     no_decay = {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "name": "no_decay"}
     groups = split_params_into_different_moe_groups_for_optimizer([decay, no_decay])
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95), fused=True)
+
+
+def skip_nonfinite_steps(engine: deepspeed.DeepSpeedEngine, optimizer: torch.optim.Optimizer) -> None:
+    """Leave the weights and the optimizer state as they are in a step whose gradients are not
+    all finite, on any rank. DeepSpeed's global gradient norm (over every rank's gradients,
+    computed for clipping before the update) is infinite then; it becomes the fused AdamW's
+    `found_inf`, so the kernel itself skips the update and no host waits on the device to
+    decide. The step's `grad_norm` metric shows it (train_step)."""
+    zero = engine.optimizer
+
+    def before_step(opt: torch.optim.Optimizer, args, kwargs) -> None:
+        norm = getattr(zero, "_global_grad_norm", None)  # set by ZeRO's step before the update
+        if torch.is_tensor(norm):
+            opt.found_inf = (~torch.isfinite(norm) | (norm < 0)).float().reshape(())
+
+    optimizer.register_step_pre_hook(before_step)
 
 
 def layer_loads(model: Transformer) -> torch.Tensor:
@@ -144,9 +164,13 @@ class RunLog:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
+        norm = "" if metrics.get("grad_norm") is None else f"  grad norm {metrics['grad_norm']:.3f}"
         print(f"step {metrics['step']}/{self.max_steps}  loss {metrics['loss']:.4f}  mtp {metrics['mtp_loss']:.4f}  "
               f"aux {metrics['aux_loss']:.4f}  lr {metrics['lr']:.2e}  tokens/s {metrics['tokens_per_s']:.0f}  "
-              f"max/mean expert load {metrics['imbalance']:.2f}", flush=True)
+              f"max/mean expert load {metrics['imbalance']:.2f}{norm}", flush=True)
+        if metrics.get("skipped"):
+            print(f"step {metrics['step']}: gradients not finite on some rank; the weights and the optimizer "
+                  "state were left as they were", flush=True)
 
 
 def build_engine(cfg: MorayConfig, rank: int, world: int, init_from: str | None, device: torch.device
@@ -160,6 +184,7 @@ def build_engine(cfg: MorayConfig, rank: int, world: int, init_from: str | None,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scheduler_fn)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, micro, accum))
+    skip_nonfinite_steps(engine, optimizer)
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
         moe.expert_bias.data = moe.expert_bias.data.float()  # bf16 would swallow the small bias steps
     return engine, model, scheduler
@@ -192,8 +217,16 @@ def train_step(engine: deepspeed.DeepSpeedEngine, model: Transformer, stream: To
             dist.all_reduce(loads)
             means = torch.stack(losses).double().mean(0)
             dist.all_reduce(means)
-            loss, mtp, aux = (means / world).tolist()
-            metrics = {"loss": loss, "mtp_loss": mtp, "aux_loss": aux, "imbalance": load_imbalance(loads)}
+            norm = engine.get_global_grad_norm()  # None without clipping; the same on every rank
+            values = means / world
+            if norm is not None:
+                values = torch.cat([values, torch.as_tensor(norm, dtype=values.dtype, device=device).reshape(1)])
+            values = values.tolist()
+            metrics = {"loss": values[0], "mtp_loss": values[1], "aux_loss": values[2],
+                       "imbalance": load_imbalance(loads)}
+            if norm is not None:  # a skipped step (skip_nonfinite_steps) has no finite norm
+                finite = math.isfinite(values[3]) and values[3] >= 0
+                metrics.update(grad_norm=values[3] if finite else None, skipped=not finite)
     return metrics, loads
 
 
