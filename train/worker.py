@@ -62,14 +62,22 @@ def build_model(cfg: MorayConfig, rank: int, init_from: str | None) -> Transform
     return model
 
 
+def optimizer_clips(cfg: MorayConfig) -> bool:
+    """Whether the optimizer applies gradient clipping (ZeRO stage 1 or 2: DeepSpeed hands it
+    the global gradient norm before the update) rather than DeepSpeed."""
+    return cfg.train.zero_stage in (1, 2) and cfg.train.grad_clip > 0
+
+
 def deepspeed_config(cfg: MorayConfig, micro: int, accum: int) -> dict:
     return {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
-        "gradient_clipping": cfg.train.grad_clip,
+        # ZeRO 1/2: the fused AdamW clips (finish_step_on_device), DeepSpeed's clip asks the
+        # host per parameter group whether the norm is valid
+        "gradient_clipping": 0.0 if optimizer_clips(cfg) else cfg.train.grad_clip,
         "zero_optimization": {"stage": cfg.train.zero_stage},
         # no per-parameter inf/NaN scan before each step (a fifth of small's step on a GPU, and
-        # host syncs): the clipping norm covers every gradient, skip_nonfinite_steps acts on it
+        # host syncs): the global norm covers every gradient, finish_step_on_device acts on it
         "bf16": {"enabled": cfg.train.use_gpu if cfg.train.bf16 is None else cfg.train.bf16,
                  "check_grad_overflow": False},
         "steps_per_print": 10**9,
@@ -89,18 +97,27 @@ def build_optimizer(model: Transformer, cfg: MorayConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95), fused=True)
 
 
-def skip_nonfinite_steps(engine: deepspeed.DeepSpeedEngine, optimizer: torch.optim.Optimizer) -> None:
-    """Leave the weights and the optimizer state as they are in a step whose gradients are not
-    all finite, on any rank. DeepSpeed's global gradient norm (over every rank's gradients,
-    computed for clipping before the update) is infinite then; it becomes the fused AdamW's
-    `found_inf`, so the kernel itself skips the update and no host waits on the device to
-    decide. The step's `grad_norm` metric shows it (train_step)."""
+def finish_step_on_device(engine: deepspeed.DeepSpeedEngine, optimizer: torch.optim.Optimizer,
+                          max_norm: float | None) -> None:
+    """Clip the gradients to `max_norm` and skip a step whose gradients are not all finite on
+    any rank, inside the fused AdamW kernel, so that no host waits on the device to decide.
+    ZeRO computes the global gradient norm (over every rank's gradients) before the update; it
+    becomes the kernel's `grad_scale` (the gradients divided by it: DeepSpeed's clip factor,
+    (norm + 1e-6) / max_norm when that is above 1) and `found_inf` (the norm is infinite when
+    any gradient is not: the kernel leaves weights and moments as they were). The step's
+    `grad_norm` and `skipped` metrics show it (train_step). Where DeepSpeed gives no norm first
+    (ZeRO stage 0) it clips and skips itself and this does nothing."""
     zero = engine.optimizer
 
     def before_step(opt: torch.optim.Optimizer, args, kwargs) -> None:
         norm = getattr(zero, "_global_grad_norm", None)  # set by ZeRO's step before the update
-        if torch.is_tensor(norm):
-            opt.found_inf = (~torch.isfinite(norm) | (norm < 0)).float().reshape(())
+        if not torch.is_tensor(norm):
+            return
+        norm = norm.float().reshape(())
+        invalid = ~torch.isfinite(norm) | (norm < 0)
+        opt.found_inf = invalid.float()
+        if max_norm is not None:
+            opt.grad_scale = torch.where(invalid, 1.0, ((norm + 1e-6) / max_norm).clamp(min=1.0))
 
     optimizer.register_step_pre_hook(before_step)
 
@@ -184,7 +201,7 @@ def build_engine(cfg: MorayConfig, rank: int, world: int, init_from: str | None,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scheduler_fn)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, micro, accum))
-    skip_nonfinite_steps(engine, optimizer)
+    finish_step_on_device(engine, optimizer, cfg.train.grad_clip if optimizer_clips(cfg) else None)
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
         moe.expert_bias.data = moe.expert_bias.data.float()  # bf16 would swallow the small bias steps
     return engine, model, scheduler
@@ -224,7 +241,7 @@ def train_step(engine: deepspeed.DeepSpeedEngine, model: Transformer, stream: To
             values = values.tolist()
             metrics = {"loss": values[0], "mtp_loss": values[1], "aux_loss": values[2],
                        "imbalance": load_imbalance(loads)}
-            if norm is not None:  # a skipped step (skip_nonfinite_steps) has no finite norm
+            if norm is not None:  # a skipped step (finish_step_on_device) has no finite norm
                 finite = math.isfinite(values[3]) and values[3] >= 0
                 metrics.update(grad_norm=values[3] if finite else None, skipped=not finite)
     return metrics, loads
