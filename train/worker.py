@@ -107,12 +107,13 @@ def finish_step_on_device(engine: deepspeed.DeepSpeedEngine, optimizer: torch.op
     any gradient is not: the kernel leaves weights and moments as they were). The step's
     `grad_norm` and `skipped` metrics show it (train_step). Where DeepSpeed gives no norm first
     (ZeRO stage 0) it clips and skips itself and this does nothing."""
-    zero = engine.optimizer
+    zero, seen = engine.optimizer, [None]
 
     def before_step(opt: torch.optim.Optimizer, args, kwargs) -> None:
         norm = getattr(zero, "_global_grad_norm", None)  # set by ZeRO's step before the update
-        if not torch.is_tensor(norm):
-            return
+        if not torch.is_tensor(norm) or norm is seen[0]:
+            return  # ZeRO steps each parameter group in turn: one norm, decided once
+        seen[0] = norm
         norm = norm.float().reshape(())
         invalid = ~torch.isfinite(norm) | (norm < 0)
         opt.found_inf = invalid.float()
