@@ -32,7 +32,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 
 from cluster.config import load_config
 from train.data import TokenStream, prepare_corpus
-from train.worker import PHASES, build_engine, train_step
+from train.worker import PHASES, build_engine, train_step, use_block_graphs
 from train_throughput import dense_matmul_tflops, flops_per_token  # benchmarks/
 
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
@@ -104,7 +104,12 @@ def run(impl: str, args, work: Path, device: torch.device, dense: float | None) 
         f"train.batch_size={args.micro_batch}", f"train.seq_len={args.seq_len}",
         f"train.max_steps={args.steps + 1 + args.profile_steps}", "train.warmup_steps=2",
         f"train.data_dir={work / 'corpus'}", *args.set])
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(device)
     engine, model, _ = build_engine(cfg, 0, 1, None, device)
+    start = time.perf_counter()
+    eager_blocks = use_block_graphs(cfg, model, 0, 1)
+    capture_s = time.perf_counter() - start
     stream = TokenStream(cfg.train.data_dir)
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     times = []
@@ -115,6 +120,8 @@ def run(impl: str, args, work: Path, device: torch.device, dense: float | None) 
         sync()
         times.append(time.perf_counter() - start)
     warm = times[args.warmup:] or times
+    memory_gib = {"peak_allocated": torch.cuda.max_memory_allocated(device) / 2**30,
+                  "peak_reserved": torch.cuda.max_memory_reserved(device) / 2**30} if gpu else None
     step_s = statistics.median(warm)
     tokens = args.micro_batch * args.seq_len
     tflops = flops_per_token(cfg.model, args.seq_len) * tokens / step_s / 1e12
@@ -126,6 +133,8 @@ def run(impl: str, args, work: Path, device: torch.device, dense: float | None) 
             sync()
             prof.step()
     row = {"impl": impl, "preset": args.preset, "parameters": sum(1 for _ in model.parameters()),
+           "cuda_graphs": cfg.train.cuda_graphs, "eager_blocks": eager_blocks, "capture_s": capture_s,
+           "memory_gib": memory_gib,
            "tokens_per_step": tokens, "step_ms": step_s * 1e3,
            "step_ms_all": [round(t * 1e3, 2) for t in warm], "tokens_per_s": tokens / step_s, "model_tflops": tflops,
            "mfu_vs_measured_dense": tflops / dense if dense else None, "loss": metrics["loss"],

@@ -42,6 +42,9 @@ class TrainConfig:
     use_gpu: bool = False
     # bf16 weights, activations and gradients under fp32 master weights; unset: on GPUs only
     bf16: Optional[bool] = None
+    # each block's forward and backward replayed as CUDA graphs (train/block_graphs.py); unset:
+    # on GPUs, for the blocks that allow it; true: every block must, or the run does not start
+    cuda_graphs: Optional[bool] = None
     # "moray" (dropless grouped MoE, expert parallel) or "deepspeed" (deepspeed.moe.layer.MoE)
     moe_impl: str = "moray"
     # expert-parallel group size; 0 means all workers. Must divide num_workers and the experts.
@@ -161,6 +164,7 @@ def check_train_config(train: TrainConfig, model: ModelConfig) -> None:
     _require(train.moe_impl in ("moray", "deepspeed"), "moe_impl",
              f"must be 'moray' or 'deepspeed', got {train.moe_impl!r}")
     _require(train.zero_stage in (0, 1, 2), "zero_stage", f"must be 0, 1 or 2 (MoE), got {train.zero_stage}")
+    _require(not (train.cuda_graphs and not train.use_gpu), "cuda_graphs", "CUDA graphs need use_gpu: true")
     ep = effective_ep_size(train)
     _require(train.num_workers % ep == 0, "ep_size", f"{ep} does not divide num_workers {train.num_workers}")
     if model.n_moe_layers:

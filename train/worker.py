@@ -31,6 +31,7 @@ from cluster.config import MorayConfig, effective_ep_size, micro_batch
 from model import checkpoint as model_checkpoint
 from model.moe import MoE
 from model.transformer import Transformer
+from train.block_graphs import capture_block_graphs
 from train.data import TokenStream
 from train.deepspeed_moe import StockMoEBlock, gather_stock_experts, stock_export_config, stock_to_moray_state, use_stock_moe
 from train.expert_parallel import gather_expert_stacks, parallelize_experts
@@ -208,6 +209,20 @@ def build_engine(cfg: MorayConfig, rank: int, world: int, init_from: str | None,
     return engine, model, scheduler
 
 
+def use_block_graphs(cfg: MorayConfig, model: Transformer, rank: int, world: int) -> int:
+    """Replay the blocks' training steps as CUDA graphs where `train.cuda_graphs` asks for it
+    (unset: on GPUs). Call after the engine is built and any checkpoint loaded: the graphs read
+    the parameters where DeepSpeed put them. Returns how many blocks were left eager."""
+    if cfg.train.cuda_graphs is False or not (cfg.train.use_gpu and torch.cuda.is_available()):
+        return 0
+    micro, _ = micro_batch(cfg.train, world)
+    eager = capture_block_graphs(model, micro, cfg.train.seq_len, strict=bool(cfg.train.cuda_graphs))
+    if eager and rank == 0:
+        log.warning("training blocks left out of CUDA graphs (they run eagerly): %s",
+                    "; ".join(f"{name}: {why}" for name, why in eager.items()))
+    return len(eager)
+
+
 def train_step(engine: deepspeed.DeepSpeedEngine, model: Transformer, stream: TokenStream, cfg: MorayConfig,
                step: int, rank: int, world: int, device: torch.device) -> tuple[dict, torch.Tensor]:
     """One optimizer step over this rank's micro-batches; returns the step's metrics (means over
@@ -279,6 +294,7 @@ def train_worker(config: dict) -> None:
     engine, model, scheduler = build_engine(cfg, rank, world, init_from, device)
     if resume_dir is not None and same_world:
         engine.load_checkpoint(str(resume_dir), tag=DS_TAG)
+    use_block_graphs(cfg, model, rank, world)
 
     stream = TokenStream(cfg.train.data_dir)
     run_log = RunLog(cfg, rank)

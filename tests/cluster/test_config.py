@@ -42,6 +42,7 @@ def test_yaml_file_path_loads(tmp_path):
     (["model.n_dense_layers=9"], "model.n_dense_layers"),
     (["model.moe.score_func=relu"], "model.moe.score_func"),
     (["model.moe.expert_chunks=0"], "model.moe.expert_chunks"),
+    (["train.cuda_graphs=true"], "train.cuda_graphs"),
 ])
 def test_mistakes_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:
