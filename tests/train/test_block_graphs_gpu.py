@@ -25,13 +25,17 @@ from train.worker import build_engine, train_step, use_block_graphs
 pytestmark = pytest.mark.gpu
 
 STEPS, MICRO, SEQ = 3, 2, 64
+CAPACITY = ("model.moe.capacity_factor=1.25",)  # a host read per MoE layer: those blocks stay eager
+# case: (ZeRO stage, train.cuda_graphs, more overrides), each against the same run without graphs
+CASES = {"zero 1": (1, "true", ()), "zero 2": (2, "true", ()),
+         "dense graphed, MoE eager": (1, "null", CAPACITY)}
 
 
-def _config(corpus, stage: int, graphs: bool, more: tuple[str, ...] = ()):
+def _config(corpus, stage: int, graphs: str, more: tuple[str, ...] = ()):
     return load_config("tiny", [f"train.data_dir={corpus}", "train.num_workers=1", "train.use_gpu=true",
                                 f"train.batch_size={2 * MICRO}", f"train.micro_batch_size={MICRO}",
                                 f"train.seq_len={SEQ}", "train.warmup_steps=1", f"train.max_steps={STEPS}",
-                                f"train.zero_stage={stage}", f"train.cuda_graphs={str(graphs).lower()}",
+                                f"train.zero_stage={stage}", f"train.cuda_graphs={graphs}",
                                 "model.moe.aux_loss_alpha=0.01", *more])
 
 
@@ -71,24 +75,24 @@ def _worker(rank: int, port: int, corpus, seed: int, results) -> None:
     device = torch.device("cuda", 0)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
-        for stage in (1, 2):
+        for case, (stage, graphs, more) in CASES.items():
             runs = {}
-            for graphs in (False, True):
-                cfg = _config(corpus, stage, graphs)
+            for graphed in (False, True):
+                cfg = _config(corpus, stage, graphs if graphed else "false", more)
                 engine, model, _ = build_engine(cfg, 0, 1, None, device)
                 initial = {k: v.clone() for k, v in model.state_dict().items()}
                 eager_blocks = use_block_graphs(cfg, model, 0, 1)
                 stream = TokenStream(cfg.train.data_dir)
                 losses = [train_step(engine, model, stream, cfg, step, 0, 1, device)[0]["loss"] for step in range(STEPS)]
-                runs[graphs] = (model, losses, eager_blocks, initial)
+                runs[graphed] = (model, losses, eager_blocks, initial)
             (eager, eager_losses, _, initial), (graphed, graphed_losses, eager_blocks, _) = runs[False], runs[True]
             moved = {k: _relative(graphed.state_dict()[k], eager.state_dict()[k]) * float(
                 eager.state_dict()[k].float().norm() / (eager.state_dict()[k].float() - initial[k].float()).norm())
                 for k, v in initial.items() if v.is_floating_point() and not k.endswith("expert_bias")}
-            results[stage] = {"eager blocks": eager_blocks, "losses": (eager_losses, graphed_losses),
-                              "weights": max(moved.values()), "compare": _compare(eager, graphed, seed + stage)}
+            results[case] = {"eager blocks": eager_blocks, "losses": (eager_losses, graphed_losses),
+                             "weights": max(moved.values()), "compare": _compare(eager, graphed, seed + stage)}
         try:
-            cfg = _config(corpus, 1, True, ("model.moe.capacity_factor=1.25",))
+            cfg = _config(corpus, 1, "true", CAPACITY)
             _, model, _ = build_engine(cfg, 0, 1, None, device)
             capture_block_graphs(model, MICRO, SEQ, strict=True)
             results["strict"] = "no error"
@@ -109,22 +113,24 @@ def results(tmp_path_factory):
     return dict(shared)
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_graphed_blocks_train_as_the_eager_blocks_do(results, stage):
-    got = results[stage]
-    assert got["eager blocks"] == 0, "tiny on a Hopper GPU: every block (MTP's included) should be captured"
+@pytest.mark.parametrize("case", list(CASES))
+def test_graphed_blocks_train_as_the_eager_blocks_do(results, case):
+    got = results[case]
+    # tiny on a Hopper GPU: every block (MTP's included) is captured, or with a capacity only the dense one
+    assert got["eager blocks"] == (3 if CAPACITY in CASES[case] else 0), got["eager blocks"]
     for step, (want, have) in enumerate(zip(*got["losses"])):
-        assert abs(have - want) <= 2e-2 * abs(want), f"step {step}: loss {have} with graphs, {want} without"
-    # bf16 on both sides, and the eager runs differ from each other by rounding alone
-    assert got["weights"] <= 5e-2, f"weights after {STEPS} steps: {got['weights']:.1e} of their change apart"
+        assert abs(have - want) <= 1e-3 * abs(want), f"step {step}: loss {have} with graphs, {want} without"
+    # the same kernels either way: measured equal to the bit on an H100; a stale weight or a
+    # gradient added to itself is off by the whole change
+    assert got["weights"] <= 1e-2, f"weights after {STEPS} steps: {got['weights']:.1e} of their change apart"
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_graphs_read_the_current_weights_and_step_aside_for_other_shapes(results, stage):
-    for case, (loss_err, grad_err, n_grads) in results[stage]["compare"].items():
-        assert loss_err <= 1e-3, f"{case}: loss {loss_err:.1e} off the eager model's"
-        if case != "evaluation":
-            assert n_grads > 20 and grad_err <= 2e-2, f"{case}: gradients {grad_err:.1e} off ({n_grads} compared)"
+@pytest.mark.parametrize("case", list(CASES))
+def test_graphs_read_the_current_weights_and_step_aside_for_other_shapes(results, case):
+    for shape, (loss_err, grad_err, n_grads) in results[case]["compare"].items():
+        assert loss_err <= 1e-3, f"{shape}: loss {loss_err:.1e} off the eager model's"
+        if shape != "evaluation":
+            assert n_grads > 20 and grad_err <= 1e-2, f"{shape}: gradients {grad_err:.1e} off ({n_grads} compared)"
 
 
 def test_cuda_graphs_true_names_the_blocks_that_cannot_be_captured(results):
