@@ -8,11 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.attention import KVCache, StepLayout, build_attention
 from model.config import ModelConfig
+from model.cross_entropy import cross_entropy
 from model.layers import RMSNorm, SwiGLU
 from model.moe import MoE
 
@@ -139,7 +139,7 @@ class Transformer(nn.Module):
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor, with_mtp: bool = True) -> LossParts:
         """Next-token loss, plus MTP's lambda-weighted mean over depths and the balance loss."""
         h, aux_losses = self.hidden(inputs)
-        main = F.cross_entropy(self.head(self.norm(h)).float().flatten(0, 1), targets.flatten())
+        main = cross_entropy(self.head(self.norm(h)).flatten(0, 1), targets.flatten())
         mtp_loss = None
         if with_mtp and len(self.mtp):
             T = inputs.shape[1]
@@ -150,8 +150,8 @@ class Transformer(nn.Module):
                 h, aux = module(h[:, : T - k], self.embed(inputs[:, k:]))
                 if aux is not None:
                     aux_losses.append(aux)
-                logits = self.head(module.norm(h)).float()
-                depth_losses.append(F.cross_entropy(logits.flatten(0, 1), targets[:, k:].flatten()))
+                logits = self.head(module.norm(h))
+                depth_losses.append(cross_entropy(logits.flatten(0, 1), targets[:, k:].flatten()))
             mtp_loss = self.cfg.mtp_lambda * torch.stack(depth_losses).mean() if depth_losses else None
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
         total = main + (mtp_loss if mtp_loss is not None else 0) + (aux_loss if aux_loss is not None else 0)

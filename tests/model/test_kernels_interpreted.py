@@ -1,5 +1,6 @@
-"""The MoE layer's GPU kernels (Triton: routing, the counting sort, SwiGLU forward and backward,
-the gather-sums and gather-scales of the combine) checked on the CPU, between GPU sessions.
+"""The GPU kernels (Triton: the MoE layer's routing, counting sort, SwiGLU forward and backward,
+the gather-sums and gather-scales of the combine; the fused next-token loss) checked on the CPU,
+between GPU sessions.
 
 With TRITON_INTERPRET=1 Triton runs its kernels on CPU tensors in an interpreter, and moray's
 kernel gates (`model.swiglu_kernels.triton_runs_on`) let them serve CPU tensors. The MoE tests
@@ -51,7 +52,8 @@ def test_every_kernel_serves_cpu_tensors_in_the_interpreter():
 @pytest.mark.parametrize("selection", [
     ("tests/model/test_moe.py", "--deselect", SLOW),
     ("tests/train/test_expert_parallel.py", "-k", "gloo-2"),  # the rows' gathers and combines between two ranks
-], ids=["moe", "expert-parallel"])
+    ("tests/model/test_cross_entropy.py",),  # the next-token loss
+], ids=["moe", "expert-parallel", "cross-entropy"])
 def test_moe_tests_pass_through_the_triton_kernels(selection):
     proc = _interpreted("-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:warnings", *selection, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
