@@ -19,7 +19,10 @@ TFLOP/s counts the three expert matmuls only (2*M*D*F each, M = tokens * k). The
 times the routing (gate + top-k + permutation), the expert GEMMs alone and the shared experts,
 each launched eagerly (wall time, host launch latency included: the small routing kernels wait
 on the host when one layer runs alone) and replayed as a CUDA graph (device time alone, what
-the layer costs inside a model, where the host runs ahead).
+the layer costs inside a model, where the host runs ahead). moray's forward+backward is also
+replayed as one CUDA graph, as training replays its blocks on one GPU (`train.cuda_graphs`),
+its gradients checked against the eager step's; the stock layer reads counts on the host and
+cannot be captured.
 Memory: activation bytes kept between forward and backward, and the peak over forward+backward
 less the weight gradients, both against what the layer must hold at least (its input and output
 [N, D], and the two projections backward needs: [M, F] for the routed experts, [N, F_shared] for
@@ -126,6 +129,16 @@ def fwd_bwd(layer_fn, x: torch.Tensor, dout: torch.Tensor, params: list[torch.Te
         out = layer_fn(x)
         out.backward(dout)
     return run
+
+
+def graphed_fwd_bwd(moe: MoE, x: torch.Tensor, dout: torch.Tensor, params: list[torch.Tensor], iters: int) -> dict:
+    """Forward+backward replayed as one CUDA graph, as training replays an MoE block on one GPU
+    (train.cuda_graphs); the replay's gradients are checked against an eager step's."""
+    seconds = graph_timed(fwd_bwd(moray_layer(moe), x, dout, params), iters)
+    replayed = [t.grad.clone() for t in (*params, x)]
+    fwd_bwd(moray_layer(moe), x, dout, params)()
+    err = max(rel_err(r, t.grad) for r, t in zip(replayed, (*params, x)))
+    return {"fwd_bwd_graph_s": seconds, "rel_err_graph_vs_eager": err}
 
 
 def moray_layer(moe: MoE):
@@ -256,6 +269,7 @@ def bench_case(moe: MoE, ds, dim: int, tokens: int, skewed: bool, iters: int, se
                route_permute_combine_frac_graph=(g_route + g_combine) / row["fwd_graph_s"])
     row["fwd_bwd_s"] = timed(fwd_bwd(moray_layer(moe), x, dout, params), iters)
     row["fwd_bwd_gemm_tflops"] = 3 * gemm_flop / row["fwd_bwd_s"] / 1e12
+    row.update(graphed_fwd_bwd(moe, x, dout, params, iters))
     shared_flop = 3 * 2 * tokens * dim * cfg.n_shared_experts * cfg.moe_inter_dim
     gate_flop = 2 * tokens * dim * cfg.n_routed_experts
     row["matmul_floor_fwd_bwd_s"] = 3 * (gemm_flop + shared_flop + gate_flop) / (dense_tflops * 1e12)
@@ -357,7 +371,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     print(f"\ndense bf16 matmul: {dense:.0f} TFLOP/s on {meta['gpu']}")
     print(f"{'shape':8} {'routing':7} {'tokens':>6} {'load':>5} {'fwd ms':>7} {'f+b ms':>7} {'GEMM TF':>7} {'%dense':>6} "
-          f"{'route%':>6} {'graph':>6} {'floor':>6} {'unfused f+b':>11} {'loop f+b':>8} {'DS f+b':>8} {'xDS':>5} "
+          f"{'route%':>6} {'graph':>6} {'floor':>6} {'unfused f+b':>11} {'loop f+b':>8} {'DS f+b':>8} {'xDS':>5} {'graph f+b':>9} {'xDS':>5} "
           f"{'DS/floor':>8} {'mem kept/req':>12} "
           f"{'peak/req':>8} {'err':>7}")
     for r in results:
@@ -367,7 +381,8 @@ def main() -> None:
               f"{100 * r['route_permute_combine_frac']:>5.1f}% {100 * r['route_permute_combine_frac_graph']:>5.1f}% "
               f"{r['matmul_floor_fwd_bwd_s'] * 1e3:>6.2f} {r['unfused_fwd_bwd_s'] * 1e3:>11.2f} "
               f"{r['loop_fwd_bwd_s'] * 1e3:>8.2f} {fmt(ds and ds * 1e3, '>8.2f'):>8} "
-              f"{fmt(ds and ds / r['fwd_bwd_s'], '>5.1f'):>5} {fmt(ds and ds / r['matmul_floor_fwd_bwd_s'], '>8.1f'):>8} "
+              f"{fmt(ds and ds / r['fwd_bwd_s'], '>5.1f'):>5} {r['fwd_bwd_graph_s'] * 1e3:>9.2f} "
+              f"{fmt(ds and ds / r['fwd_bwd_graph_s'], '>5.1f'):>5} {fmt(ds and ds / r['matmul_floor_fwd_bwd_s'], '>8.1f'):>8} "
               f"{r['mem_kept_gb'] / r['mem_required_gb']:>12.2f} "
               f"{r['mem_peak_gb'] / r['mem_required_gb']:>8.2f} {max(r['rel_err_out'], r['rel_err_dx'], r['rel_err_dw']):>7.1e}")
     if args.chunks:

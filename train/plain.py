@@ -42,6 +42,7 @@ class StepStats:
     aux_loss: float | None
     lr: float
     imbalance: float
+    grad_norm: float  # before clipping
 
 
 def build_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -65,9 +66,10 @@ def train_loop(model: Transformer, batches: Iterator[tuple[torch.Tensor, torch.T
         parts = model.loss(inputs, targets)
         optimizer.zero_grad(set_to_none=True)
         parts.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         stats = StepStats(step=step, loss=parts.main.item(), lr=lr, imbalance=load_imbalance(model.expert_load()),
+                          grad_norm=float(grad_norm),
                           mtp_loss=None if parts.mtp is None else parts.mtp.item(),
                           aux_loss=None if parts.aux is None else parts.aux.item())
         model.update_expert_bias()

@@ -35,6 +35,7 @@ from train.block_graphs import capture_block_graphs
 from train.data import TokenStream
 from train.deepspeed_moe import StockMoEBlock, gather_stock_experts, stock_export_config, stock_to_moray_state, use_stock_moe
 from train.expert_parallel import gather_expert_stacks, parallelize_experts
+from train.grad_norm import norm_gradients_in_fp32
 from train.plain import load_imbalance, lr_at
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,7 @@ def build_engine(cfg: MorayConfig, rank: int, world: int, init_from: str | None,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scheduler_fn)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, micro, accum))
+    norm_gradients_in_fp32(engine.optimizer)
     finish_step_on_device(engine, optimizer, cfg.train.grad_clip if optimizer_clips(cfg) else None)
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
         moe.expert_bias.data = moe.expert_bias.data.float()  # bf16 would swallow the small bias steps

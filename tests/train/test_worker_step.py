@@ -37,9 +37,10 @@ def _worker(rank: int, port: int, corpus, results) -> None:
             cfg = _config(corpus, ep_size)
             engine, model, _ = build_engine(cfg, rank, WORLD, None, torch.device("cpu"))
             stream = TokenStream(cfg.train.data_dir)
-            for step in range(STEPS):
-                train_step(engine, model, stream, cfg, step, rank, WORLD, torch.device("cpu"))
+            norms = [train_step(engine, model, stream, cfg, step, rank, WORLD, torch.device("cpu"))[0]["grad_norm"]
+                     for step in range(STEPS)]
             state = export_state_dict(model, "moray")  # a collective: every rank
+            results[f"norms{ep_size}-{rank}"] = norms
             if rank == 0:
                 results[ep_size] = state
         results[f"nonfinite{rank}"] = _nonfinite_step(_config(corpus, WORLD, ("train.bf16=true",)), rank)
@@ -93,10 +94,17 @@ def test_worker_steps_equal_the_plain_single_process_steps(corpus, results):
     stream = TokenStream(cfg.train.data_dir)
     batches = (stream.step_batch(step, cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed, 0,
                                  cfg.train.batch_size) for step in range(STEPS))
-    train_loop(plain, batches, cfg.train)
+    history = train_loop(plain, batches, cfg.train)
     want = plain.state_dict()
 
     for ep_size in (WORLD, 1):
+        # the norm that clips (fp32 in train.grad_norm, over every rank's gradients) is the whole
+        # model's, on every rank; a norm missing the other rank's experts is off by far more
+        for rank in range(WORLD):
+            norms = results[f"norms{ep_size}-{rank}"]
+            for step, (norm, stats) in enumerate(zip(norms, history)):
+                assert norm == pytest.approx(stats.grad_norm, rel=1e-5), \
+                    f"ep {ep_size}, rank {rank}, step {step}: gradient norm {norm} against the plain step's {stats.grad_norm}"
         got = results[ep_size]
         assert sorted(got) == sorted(want), f"ep {ep_size}: the exported names differ from the model's"
         for name, w in want.items():
