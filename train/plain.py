@@ -28,10 +28,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def load_imbalance(load_LE: torch.Tensor) -> float:
     """Max over mean tokens per expert, averaged over MoE layers: 1.0 is perfect balance."""
+    return float(load_imbalance_on_device(load_LE))
+
+
+def load_imbalance_on_device(load_LE: torch.Tensor) -> torch.Tensor:
+    """`load_imbalance` left where the loads are, so a step can read it back with its other metrics."""
     load = load_LE.float()
     if load.numel() == 0:
-        return 1.0
-    return float((load.max(-1).values / load.mean(-1).clamp(min=1e-9)).mean())
+        return torch.ones((), device=load.device)
+    return (load.max(-1).values / load.mean(-1).clamp(min=1e-9)).mean()
 
 
 @dataclass

@@ -36,7 +36,7 @@ from train.data import TokenStream
 from train.deepspeed_moe import StockMoEBlock, gather_stock_experts, stock_export_config, stock_to_moray_state, use_stock_moe
 from train.expert_parallel import gather_expert_stacks, parallelize_experts
 from train.grad_norm import norm_gradients_in_fp32
-from train.plain import load_imbalance, lr_at
+from train.plain import load_imbalance, load_imbalance_on_device, lr_at
 
 log = logging.getLogger(__name__)
 DS_TAG = "deepspeed"
@@ -131,13 +131,15 @@ def layer_loads(model: Transformer) -> torch.Tensor:
     return torch.stack(loads) if loads else torch.zeros(0, 0, dtype=torch.long)
 
 
-def update_bias_everywhere(model: Transformer) -> None:
+def update_bias_everywhere(model: Transformer) -> torch.Tensor | None:
     """Sum the routed load over ranks, so every rank applies the same bias change, and check
     that it did: ranks routing with different biases would silently train different models.
-    All layers at once: two collectives and one host sync a step, not three and one per layer."""
+    All layers at once: two collectives a step, not three per layer. Returns whether the biases
+    differ between ranks, on the device (None without bias balancing): the step reads it back
+    with its metrics, so the check costs no host sync of its own."""
     layers = [m for m in model.modules() if isinstance(m, MoE)]
     if not layers:
-        return
+        return None
     loads = torch.cat([moe.pending_load.flatten() for moe in layers])
     dist.all_reduce(loads)
     for moe, load in zip(layers, loads.split([moe.pending_load.numel() for moe in layers])):
@@ -146,8 +148,7 @@ def update_bias_everywhere(model: Transformer) -> None:
     own = torch.cat([biases, -biases])
     extremes = own.clone()  # the max over ranks of both: the highest bias and minus the lowest
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-    if not torch.equal(extremes, own):
-        raise RuntimeError("expert balancing biases differ between ranks")
+    return (extremes != own).any()
 
 
 def export_state_dict(model: Transformer, impl: str) -> dict[str, torch.Tensor]:
@@ -238,7 +239,7 @@ def train_step(engine: deepspeed.DeepSpeedEngine, model: Transformer, stream: To
             inputs, targets = stream.step_batch(step, cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed,
                                                 first, micro)
             with record_function("moray.forward"):
-                parts = engine.module.loss(inputs.to(device), targets.to(device))
+                parts = engine.module.loss(to_device(inputs, device), to_device(targets, device))
             with record_function("moray.backward"):
                 engine.backward(parts.loss)
             with record_function("moray.optimizer"):
@@ -246,23 +247,33 @@ def train_step(engine: deepspeed.DeepSpeedEngine, model: Transformer, stream: To
             losses.append(torch.stack([part.detach().float() if part is not None else torch.zeros((), device=device)
                                        for part in (parts.main, parts.mtp, parts.aux)]))
         with record_function("moray.balance"):
-            update_bias_everywhere(model)
+            biases_differ = update_bias_everywhere(model)
         with record_function("moray.metrics"):
             loads = layer_loads(model).clone()
             dist.all_reduce(loads)
             means = torch.stack(losses).double().mean(0)
             dist.all_reduce(means)
             norm = engine.get_global_grad_norm()  # None without clipping; the same on every rank
-            values = means / world
+            # one read-back a step for all of it: the host waits for the GPU only here
+            tail = [load_imbalance_on_device(loads), torch.zeros((), device=device) if biases_differ is None else biases_differ]
             if norm is not None:
-                values = torch.cat([values, torch.as_tensor(norm, dtype=values.dtype, device=device).reshape(1)])
-            values = values.tolist()
-            metrics = {"loss": values[0], "mtp_loss": values[1], "aux_loss": values[2],
-                       "imbalance": load_imbalance(loads)}
+                tail.append(torch.as_tensor(norm, device=device))
+            values = torch.cat([means / world, torch.stack([t.double() for t in tail])]).tolist()
+            if values[4]:
+                raise RuntimeError("expert balancing biases differ between ranks")
+            metrics = {"loss": values[0], "mtp_loss": values[1], "aux_loss": values[2], "imbalance": values[3]}
             if norm is not None:  # a skipped step (finish_step_on_device) has no finite norm
-                finite = math.isfinite(values[3]) and values[3] >= 0
-                metrics.update(grad_norm=values[3] if finite else None, skipped=not finite)
+                finite = math.isfinite(values[5]) and values[5] >= 0
+                metrics.update(grad_norm=values[5] if finite else None, skipped=not finite)
     return metrics, loads
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch copied to the GPU through pinned memory without the host waiting: a pageable
+    copy would hold the host until every kernel queued before it had run."""
+    if device.type != "cuda":
+        return batch.to(device)
+    return batch.pin_memory().to(device, non_blocking=True)
 
 
 def train_worker(config: dict) -> None:

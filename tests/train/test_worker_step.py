@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 from actors.transport import free_port
 from cluster.config import load_config
+from model.moe import MoE
 from model.transformer import Transformer
 from train.data import TokenStream, prepare_corpus
 from train.plain import train_loop
@@ -43,9 +44,23 @@ def _worker(rank: int, port: int, corpus, results) -> None:
             results[f"norms{ep_size}-{rank}"] = norms
             if rank == 0:
                 results[ep_size] = state
+        results[f"diverged{rank}"] = _error_with_diverged_bias(_config(corpus, WORLD), rank)
         results[f"nonfinite{rank}"] = _nonfinite_step(_config(corpus, WORLD, ("train.bf16=true",)), rank)
     finally:
         dist.destroy_process_group()
+
+
+def _error_with_diverged_bias(cfg, rank: int) -> str:
+    """What a step raises on each rank once rank 1's balancing bias has drifted from rank 0's."""
+    engine, model, _ = build_engine(cfg, rank, WORLD, None, torch.device("cpu"))
+    stream = TokenStream(cfg.train.data_dir)
+    if rank == 1:
+        next(m for m in model.modules() if isinstance(m, MoE)).expert_bias.data[0] += 1.0
+    try:
+        train_step(engine, model, stream, cfg, 0, rank, WORLD, torch.device("cpu"))
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
 
 
 def _nonfinite_step(cfg, rank: int) -> dict:
@@ -131,3 +146,9 @@ def test_a_step_with_nonfinite_gradients_on_one_rank_changes_no_weights_anywhere
         assert not got["after"]["skipped"] and got["after"]["grad_norm"] > 0, got["after"]
         assert got["finite"] and any(".experts." in k or "deepspeed_experts" in k for k in got["moved"]), \
             f"rank {rank}: the next step did not train: moved {got['moved']}"
+
+
+def test_a_step_stops_when_the_ranks_balancing_biases_differ(results):
+    # ranks routing with different biases would train different models without a word
+    for rank in range(WORLD):
+        assert "biases differ between ranks" in results[f"diverged{rank}"], f"rank {rank}: {results[f'diverged{rank}']}"
