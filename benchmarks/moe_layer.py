@@ -178,7 +178,7 @@ def check_against_fp32(moe: MoE, x: torch.Tensor, dout: torch.Tensor, chunks: in
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
+    return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
 
 
 @dataclasses.dataclass
