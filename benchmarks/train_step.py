@@ -1,12 +1,14 @@
 """Where a training step's time goes: the worker's own step, one process, no Ray Train around it.
 
 `train_throughput.py` measures whole runs under Ray Train; this one times `train.worker`'s
-`build_engine` + `train_step` (the code every worker runs: DeepSpeed engine, moray's or the
+`build_engine` + `queue_step` (the code every worker runs: DeepSpeed engine, moray's or the
 stock MoE, the balancing bias update, the metric reductions) on one device and asks the
 profiler what the step is made of: the GPU's busy share of the step's wall time (what is left
 is the GPU waiting on the host), the host's time in each phase (forward, backward, optimizer,
 bias update, metrics), the host syncs, and the kernels by GPU time.
-A step that is host-bound shows a low busy share whatever its kernels cost.
+A step that is host-bound shows a low busy share whatever its kernels cost. The timed steps run
+as `train_worker` runs them, each queued before the previous one's metrics are read (rows from
+before 2026-12-06's "queued steps" synchronized around each step instead).
 
 Run: python benchmarks/train_step.py --preset small --impl moray deepspeed
      python benchmarks/train_step.py --cpu --preset tiny      (gloo: checks that it runs)
@@ -32,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 
 from cluster.config import load_config
 from train.data import TokenStream, prepare_corpus
-from train.worker import PHASES, build_engine, train_step, use_block_graphs
+from train.worker import PHASES, build_engine, queue_step, train_step, use_block_graphs
 from train_throughput import dense_matmul_tflops, flops_per_token  # benchmarks/
 
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
@@ -112,13 +114,20 @@ def run(impl: str, args, work: Path, device: torch.device, dense: float | None) 
     capture_s = time.perf_counter() - start
     stream = TokenStream(cfg.train.data_dir)
     sync = torch.cuda.synchronize if gpu else (lambda: None)
+    # as train_worker runs them: each step queued before the previous step's metrics are read;
+    # a step's time is from one step's metrics back to the next's
     times = []
-    for step in range(args.steps):
-        sync()
-        start = time.perf_counter()
-        metrics, _ = train_step(engine, model, stream, cfg, step, 0, 1, device)
-        sync()
-        times.append(time.perf_counter() - start)
+    pending = queue_step(engine, model, stream, cfg, 0, 0, 1, device)
+    last = None
+    for step in range(1, args.steps):
+        queued = queue_step(engine, model, stream, cfg, step, 0, 1, device)
+        metrics, _ = pending.result()
+        now = time.perf_counter()
+        if last is not None:
+            times.append(now - last)
+        last, pending = now, queued
+    metrics, _ = pending.result()
+    sync()
     warm = times[args.warmup:] or times
     memory_gib = {"peak_allocated": torch.cuda.max_memory_allocated(device) / 2**30,
                   "peak_reserved": torch.cuda.max_memory_reserved(device) / 2**30} if gpu else None

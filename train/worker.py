@@ -10,6 +10,7 @@ same world size) plus the model in moray's format (for serving, and for resuming
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -230,10 +231,40 @@ def train_step(engine: deepspeed.DeepSpeedEngine, model: Transformer, stream: To
                step: int, rank: int, world: int, device: torch.device) -> tuple[dict, torch.Tensor]:
     """One optimizer step over this rank's micro-batches; returns the step's metrics (means over
     ranks) and the routed load per layer summed over ranks."""
+    return queue_step(engine, model, stream, cfg, step, rank, world, device).result()
+
+
+@dataclasses.dataclass
+class QueuedStep:
+    """A step whose work is queued on the device and whose metrics are on their way to the host.
+    `result` waits for them: a loop that queues the next step first never leaves the GPU idle
+    while the host prepares a step (`train_worker`)."""
+    values: torch.Tensor  # [loss, mtp, aux, imbalance, biases differ, (norm)], in host memory once `ready` fires
+    ready: torch.cuda.Event | None
+    loads: torch.Tensor  # routed tokens per layer and expert, summed over ranks, on the device
+    lr: float  # the learning rate after this step's update, as `scheduler.get_last_lr` gave it then
+    has_norm: bool
+
+    def result(self) -> tuple[dict, torch.Tensor]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        values = self.values.tolist()
+        if values[4]:
+            raise RuntimeError("expert balancing biases differ between ranks")
+        metrics = {"loss": values[0], "mtp_loss": values[1], "aux_loss": values[2], "imbalance": values[3]}
+        if self.has_norm:  # a skipped step (finish_step_on_device) has no finite norm
+            finite = math.isfinite(values[5]) and values[5] >= 0
+            metrics.update(grad_norm=values[5] if finite else None, skipped=not finite)
+        return metrics, self.loads
+
+
+def queue_step(engine: deepspeed.DeepSpeedEngine, model: Transformer, stream: TokenStream, cfg: MorayConfig,
+               step: int, rank: int, world: int, device: torch.device) -> QueuedStep:
+    """`train_step` without waiting for the device: its metrics come back through pinned memory."""
     micro, accum = micro_batch(cfg.train, world)
     with record_function("moray.step"):
         model.train()
-        losses = []  # per micro-batch [main, mtp, aux], left on the device: one host sync a step
+        losses = []  # per micro-batch [main, mtp, aux], left on the device
         for m in range(accum):
             first = (m * world + rank) * micro
             inputs, targets = stream.step_batch(step, cfg.train.batch_size, cfg.train.seq_len, cfg.train.seed,
@@ -254,18 +285,16 @@ def train_step(engine: deepspeed.DeepSpeedEngine, model: Transformer, stream: To
             means = torch.stack(losses).double().mean(0)
             dist.all_reduce(means)
             norm = engine.get_global_grad_norm()  # None without clipping; the same on every rank
-            # one read-back a step for all of it: the host waits for the GPU only here
             tail = [load_imbalance_on_device(loads), torch.zeros((), device=device) if biases_differ is None else biases_differ]
             if norm is not None:
                 tail.append(torch.as_tensor(norm, device=device))
-            values = torch.cat([means / world, torch.stack([t.double() for t in tail])]).tolist()
-            if values[4]:
-                raise RuntimeError("expert balancing biases differ between ranks")
-            metrics = {"loss": values[0], "mtp_loss": values[1], "aux_loss": values[2], "imbalance": values[3]}
-            if norm is not None:  # a skipped step (finish_step_on_device) has no finite norm
-                finite = math.isfinite(values[5]) and values[5] >= 0
-                metrics.update(grad_norm=values[5] if finite else None, skipped=not finite)
-    return metrics, loads
+            values = torch.cat([means / world, torch.stack([t.double() for t in tail])])
+            ready = None
+            if device.type == "cuda":  # one copy back a step, waited for only by `result`
+                values = values.to("cpu", non_blocking=True)  # pinned by the caching host allocator
+                ready = torch.cuda.Event()
+                ready.record()
+    return QueuedStep(values, ready, loads, engine.get_lr()[0], norm is not None)
 
 
 def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -304,34 +333,51 @@ def train_worker(config: dict) -> None:
                     "model weights, with a fresh optimizer state", resume_dir, state.get("deepspeed_layout", 1),
                     model_checkpoint.format_version(resume_dir / MODEL_DIR))
     init_from = str(resume_dir / MODEL_DIR) if resume_dir and not same_world else config.get("init_from")
-    engine, model, scheduler = build_engine(cfg, rank, world, init_from, device)
+    engine, model, _ = build_engine(cfg, rank, world, init_from, device)
     if resume_dir is not None and same_world:
         engine.load_checkpoint(str(resume_dir), tag=DS_TAG)
     use_block_graphs(cfg, model, rank, world)
 
     stream = TokenStream(cfg.train.data_dir)
     run_log = RunLog(cfg, rank)
-    start = state["step"]
     window: list[dict] = []
     last_report = time.perf_counter()
-    for step in range(start, cfg.train.max_steps):
-        step_metrics, loads = train_step(engine, model, stream, cfg, step, rank, world, device)
+
+    def finish(done: int, queued: QueuedStep) -> None:
+        """A step's metrics once they are back: logged and reported, with a checkpoint when due."""
+        nonlocal window, last_report
+        step_metrics, loads = queued.result()
         window.append(step_metrics)
-        done = step + 1
-        if done % cfg.train.log_every == 0 or done % cfg.train.checkpoint_every == 0 or done == cfg.train.max_steps:
+        if done % cfg.train.log_every == 0 or checkpoint_due(done):
             elapsed = time.perf_counter() - last_report
             last_report = time.perf_counter()
             metrics = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-            metrics.update(step=done, lr=scheduler.get_last_lr()[0], world_size=world,
+            metrics.update(step=done, lr=queued.lr, world_size=world,
                            tokens_per_s=len(window) * cfg.train.batch_size * cfg.train.seq_len / elapsed,
                            step_loss=window[-1]["loss"],
                            layer_imbalance=[load_imbalance(row[None]) for row in loads])
             window = []
             run_log.record(metrics)
-            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.max_steps:
+            if checkpoint_due(done):
                 _report_with_checkpoint(engine, model, cfg, metrics, rank, world, done)
             else:
                 ray.train.report(metrics)
+
+    def checkpoint_due(done: int) -> bool:
+        return done % cfg.train.checkpoint_every == 0 or done == cfg.train.max_steps
+
+    # each step is queued before the previous one's metrics are read, so the GPU never waits for
+    # the host between steps; a checkpoint step is finished before the next is queued, so the
+    # checkpoint holds that step's weights
+    pending: tuple[int, QueuedStep] | None = None
+    for step in range(state["step"], cfg.train.max_steps):
+        queued = queue_step(engine, model, stream, cfg, step, rank, world, device)
+        if pending is not None:
+            finish(*pending)
+        pending = (step + 1, queued)
+        if checkpoint_due(step + 1):
+            finish(*pending)
+            pending = None
 
 
 def _report_with_checkpoint(engine, model: Transformer, cfg: MorayConfig, metrics: dict, rank: int, world: int,
