@@ -108,7 +108,7 @@ def run(impl: str, args, work: Path, device: torch.device, dense: float | None) 
         f"train.data_dir={work / 'corpus'}", *args.set])
     if gpu:
         torch.cuda.reset_peak_memory_stats(device)
-    engine, model, _ = build_engine(cfg, 0, 1, None, device)
+    engine, model = build_engine(cfg, 0, 1, None, device)
     start = time.perf_counter()
     eager_blocks = use_block_graphs(cfg, model, 0, 1)
     capture_s = time.perf_counter() - start

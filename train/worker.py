@@ -196,9 +196,9 @@ class RunLog:
 
 
 def build_engine(cfg: MorayConfig, rank: int, world: int, init_from: str | None, device: torch.device
-                 ) -> tuple[deepspeed.DeepSpeedEngine, Transformer, torch.optim.lr_scheduler.LRScheduler]:
-    """This rank's model under its DeepSpeed engine: what every worker trains, and what
-    benchmarks/train_step.py times outside Ray Train."""
+                 ) -> tuple[deepspeed.DeepSpeedEngine, Transformer]:
+    """This rank's model under its DeepSpeed engine (which steps the learning-rate schedule):
+    what every worker trains, and what benchmarks/train_step.py times outside Ray Train."""
     model = build_model(cfg, rank, init_from).to(device)
     micro, accum = micro_batch(cfg.train, world)
     scheduler_fn = lambda step: lr_at(step, cfg.train) / cfg.train.lr  # noqa: E731
@@ -210,7 +210,7 @@ def build_engine(cfg: MorayConfig, rank: int, world: int, init_from: str | None,
     finish_step_on_device(engine, optimizer, cfg.train.grad_clip if optimizer_clips(cfg) else None)
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
         moe.expert_bias.data = moe.expert_bias.data.float()  # bf16 would swallow the small bias steps
-    return engine, model, scheduler
+    return engine, model
 
 
 def use_block_graphs(cfg: MorayConfig, model: Transformer, rank: int, world: int) -> int:
@@ -242,7 +242,7 @@ class QueuedStep:
     values: torch.Tensor  # [loss, mtp, aux, imbalance, biases differ, (norm)], in host memory once `ready` fires
     ready: torch.cuda.Event | None
     loads: torch.Tensor  # routed tokens per layer and expert, summed over ranks, on the device
-    lr: float  # the learning rate after this step's update, as `scheduler.get_last_lr` gave it then
+    lr: float  # the learning rate after this step's update (the schedule's next), read when it was queued
     has_norm: bool
 
     def result(self) -> tuple[dict, torch.Tensor]:
@@ -333,7 +333,7 @@ def train_worker(config: dict) -> None:
                     "model weights, with a fresh optimizer state", resume_dir, state.get("deepspeed_layout", 1),
                     model_checkpoint.format_version(resume_dir / MODEL_DIR))
     init_from = str(resume_dir / MODEL_DIR) if resume_dir and not same_world else config.get("init_from")
-    engine, model, _ = build_engine(cfg, rank, world, init_from, device)
+    engine, model = build_engine(cfg, rank, world, init_from, device)
     if resume_dir is not None and same_world:
         engine.load_checkpoint(str(resume_dir), tag=DS_TAG)
     use_block_graphs(cfg, model, rank, world)

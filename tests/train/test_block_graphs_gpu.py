@@ -79,7 +79,7 @@ def _worker(rank: int, port: int, corpus, seed: int, results) -> None:
             runs = {}
             for graphed in (False, True):
                 cfg = _config(corpus, stage, graphs if graphed else "false", more)
-                engine, model, _ = build_engine(cfg, 0, 1, None, device)
+                engine, model = build_engine(cfg, 0, 1, None, device)
                 initial = {k: v.clone() for k, v in model.state_dict().items()}
                 eager_blocks = use_block_graphs(cfg, model, 0, 1)
                 stream = TokenStream(cfg.train.data_dir)
@@ -93,7 +93,7 @@ def _worker(rank: int, port: int, corpus, seed: int, results) -> None:
                              "weights": max(moved.values()), "compare": _compare(eager, graphed, seed + stage)}
         try:
             cfg = _config(corpus, 1, "true", CAPACITY)
-            _, model, _ = build_engine(cfg, 0, 1, None, device)
+            _, model = build_engine(cfg, 0, 1, None, device)
             capture_block_graphs(model, MICRO, SEQ, strict=True)
             results["strict"] = "no error"
         except ConfigError as e:

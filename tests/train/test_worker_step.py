@@ -36,7 +36,7 @@ def _worker(rank: int, port: int, corpus, results) -> None:
     try:
         for ep_size in (WORLD, 1):
             cfg = _config(corpus, ep_size)
-            engine, model, _ = build_engine(cfg, rank, WORLD, None, torch.device("cpu"))
+            engine, model = build_engine(cfg, rank, WORLD, None, torch.device("cpu"))
             stream = TokenStream(cfg.train.data_dir)
             norms = [train_step(engine, model, stream, cfg, step, rank, WORLD, torch.device("cpu"))[0]["grad_norm"]
                      for step in range(STEPS)]
@@ -52,7 +52,7 @@ def _worker(rank: int, port: int, corpus, results) -> None:
 
 def _error_with_diverged_bias(cfg, rank: int) -> str:
     """What a step raises on each rank once rank 1's balancing bias has drifted from rank 0's."""
-    engine, model, _ = build_engine(cfg, rank, WORLD, None, torch.device("cpu"))
+    engine, model = build_engine(cfg, rank, WORLD, None, torch.device("cpu"))
     stream = TokenStream(cfg.train.data_dir)
     if rank == 1:
         next(m for m in model.modules() if isinstance(m, MoE)).expert_bias.data[0] += 1.0
@@ -68,7 +68,7 @@ def _nonfinite_step(cfg, rank: int) -> dict:
     step's forward), between two ordinary steps, in bf16 (where DeepSpeed's own check is off;
     in fp32 it skips such a step itself): what each rank's weights and metrics did."""
     cpu = torch.device("cpu")
-    engine, model, _ = build_engine(cfg, rank, WORLD, None, cpu)
+    engine, model = build_engine(cfg, rank, WORLD, None, cpu)
     stream = TokenStream(cfg.train.data_dir)
     train_step(engine, model, stream, cfg, 0, rank, WORLD, cpu)
     before = {k: v.clone() for k, v in model.state_dict().items()}
