@@ -104,16 +104,15 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, layout: StepLayout, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
-        q = q.view(B, T, self.n_heads, self.nope_dim + self.rope_dim)
-        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         rotation = rope_rotation(self.freqs, layout.positions)
-        q_pe = apply_rope(q_pe, rotation, self.interleaved)
         latent, k_pe = self.wkv_a(x).split([self.kv_rank, self.rope_dim], dim=-1)
         latent = self.kv_norm(latent)
-        k_pe = apply_rope(k_pe.unsqueeze(2), rotation, self.interleaved).squeeze(2)
         if cache is None:
-            out = self._naive(q_nope, q_pe, latent, k_pe)
+            out = self._naive(q, latent, k_pe, rotation)
         else:
+            q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+            q_pe = apply_rope(q_pe, rotation, self.interleaved)
+            k_pe = apply_rope(k_pe.unsqueeze(2), rotation, self.interleaved).squeeze(2)
             layout.write(cache["latent"], latent)
             layout.write(cache["rope_key"], k_pe)
             latent_BLC, mask = layout.read(cache["latent"])
@@ -121,12 +120,12 @@ class MLA(nn.Module):
             out = self._absorbed(q_nope, q_pe, latent_BLC.type_as(x), k_pe_BLR.type_as(x), mask)
         return self.wo(out.flatten(2))
 
-    def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
-        B, T, H, _ = q_nope.shape
+    def _naive(self, q: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, rotation: torch.Tensor
+               ) -> torch.Tensor:
+        B, T, H = *q.shape[:2], self.n_heads
         kv = self.wkv_b(latent).view(B, T, H, self.nope_dim + self.v_dim)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, T, H, self.rope_dim)], dim=-1)
-        q = torch.cat([q_nope, q_pe], dim=-1)
+        q, k, v = MLAHeads.apply(q, kv, k_pe, rotation, self.nope_dim, self.interleaved)
+        q = q.view(B, T, H, -1)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              is_causal=True, scale=self.scale)
         return out.transpose(1, 2)  # [B, T, H, v_dim]
@@ -141,6 +140,49 @@ class MLA(nn.Module):
         probs = scores.softmax(dim=-1).type_as(q_nope)
         out_latent = torch.einsum("bhtl,blc->bthc", probs, latent_BLC)
         return torch.einsum("bthc,hdc->bthd", out_latent, w_HDC[:, self.nope_dim:])
+
+
+class MLAHeads(torch.autograd.Function):
+    """MLA's per-head queries, keys and values for attention without a cache:
+    q = [q_nope, rope(q_pe)], k = [k_nope, rope(k_pe) shared by every head], v, from the query
+    projection's output q [B, T, H * (nope + rope)] (not a view: it is rotated in place, which
+    autograd allows a Function only for a tensor that is no view), kv [B, T, H, nope + v_dim] and
+    the unrotated shared key k_pe [B, T, rope]; q comes back in its own shape.
+
+    The plain composition (split, rope, two concatenations, an expand) copies q and k whole in
+    forward, through PyTorch's strided concatenation kernel (slow on rows of ~100 bf16), and
+    again in backward where the split's gradient is concatenated. Here the query's rope part is
+    rotated in place (q comes fresh from its projection, which does not keep its output), k is
+    written once, v stays a view of the up-projection, and backward writes each input gradient
+    once; the rotary key's gradient is summed over heads in fp32 before it is rotated back.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor, rotation: torch.Tensor,
+                nope: int, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ctx.mark_dirty(q)
+        heads = q.view(*kv.shape[:-1], -1)
+        heads[..., nope:] = apply_rope(heads[..., nope:], rotation, interleaved)
+        k = kv.new_empty(heads.shape)
+        k[..., :nope] = kv[..., :nope]
+        k[..., nope:] = apply_rope(k_pe.unsqueeze(2), rotation, interleaved)
+        ctx.save_for_backward(rotation)
+        ctx.nope, ctx.interleaved, ctx.k_pe_dtype = nope, interleaved, k_pe.dtype
+        return q, k, kv[..., nope:]
+
+    @staticmethod
+    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor):
+        (rotation,) = ctx.saved_tensors
+        nope, back = ctx.nope, rotation.conj()
+        dq = dq.view(dk.shape)
+        dq_in = torch.empty(dq.shape, dtype=dq.dtype, device=dq.device)
+        dq_in[..., :nope] = dq[..., :nope]
+        dq_in[..., nope:] = apply_rope(dq[..., nope:], back, ctx.interleaved)
+        dkv = torch.empty((*dk.shape[:-1], nope + dv.shape[-1]), dtype=dk.dtype, device=dk.device)
+        dkv[..., :nope] = dk[..., :nope]
+        dkv[..., nope:] = dv
+        dk_pe = apply_rope(dk[..., nope:].float().sum(2, keepdim=True), back, ctx.interleaved).squeeze(2)
+        return dq_in.flatten(2), dkv, dk_pe.to(ctx.k_pe_dtype), None, None, None
 
 
 class GQA(nn.Module):

@@ -1,11 +1,13 @@
-"""KV-cached decoding equals the full forward; absorbed MLA equals naive MLA; padded batches are exact."""
+"""KV-cached decoding equals the full forward; absorbed MLA equals naive MLA; MLA's fused per-head
+q/k/v equal the plain split-rope-concatenate composition; padded batches are exact."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from model.attention import MLA, StepLayout
+from model.attention import MLA, MLAHeads, StepLayout
+from model.layers import apply_rope, rope_rotation
 from tests.conftest import build_model, tiny_config
 from tests.routing_ties import draw_untied
 
@@ -48,6 +50,40 @@ def test_absorbed_mla_equals_naive(seed):
     # the cache holds only the latent and the rotary key
     assert set(cache) == {"latent", "rope_key"}
     assert cache["latent"].shape[-1] == cfg.kv_lora_rank and cache["rope_key"].shape[-1] == cfg.qk_rope_head_dim
+
+
+
+def _plain_heads(q, kv, k_pe, rotation, nope: int, interleaved: bool):
+    """MLA's q, k, v as the textbook composition: split, rotate, concatenate, expand (q given as
+    its projection gives it, [B, T, H * (nope + rope)], and no view, as in the model)."""
+    B, T, H, _ = kv.shape
+    q_nope, q_pe = q.view(B, T, H, -1).split([nope, q.shape[-1] // H - nope], dim=-1)
+    k_nope, v = kv.split([nope, kv.shape[-1] - nope], dim=-1)
+    k_pe = apply_rope(k_pe.unsqueeze(2), rotation, interleaved).expand(B, T, H, -1)
+    return torch.cat([q_nope, apply_rope(q_pe, rotation, interleaved)], -1), torch.cat([k_nope, k_pe], -1), v
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_mla_heads_equal_the_plain_composition(dtype, tol, interleaved, device, seed):
+    """Forward and every input gradient, with random upstream gradients on fresh random inputs
+    (on a GPU at `small`'s head sizes, where the strided copies take other kernels)."""
+    B, T, H, nope, rope, v_dim = (2, 9, 3, 8, 6, 5) if device == "cpu" else (2, 256, 16, 64, 32, 64)
+    q0, kv, k_pe = (torch.randn(*shape, dtype=dtype, device=device, requires_grad=True)
+                    for shape in ((B, T, H, nope + rope), (B, T, H, nope + v_dim), (B, T, rope)))
+    rotation = rope_rotation(torch.rand(rope // 2, device=device), torch.randint(0, 50, (B, T), device=device))
+    runs = []
+    for heads in (_plain_heads, MLAHeads.apply):
+        outs = list(heads((q0 * 1).flatten(2).clone(), kv, k_pe, rotation, nope, interleaved))
+        outs[0] = outs[0].view(B, T, H, -1)
+        ups = [torch.randn(o.shape, dtype=dtype, generator=torch.Generator().manual_seed(i)).to(device)
+               for i, o in enumerate(outs)]
+        grads = torch.autograd.grad(outs, (q0, kv, k_pe), ups)
+        runs.append([o.detach().float() for o in (*outs, *grads)])
+    for name, plain, fused in zip(["q", "k", "v", "dq", "dkv", "dk_pe"], *runs):
+        assert plain.shape == fused.shape, name
+        assert (fused - plain).abs().max() <= tol * plain.abs().max(), name
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-gqa"])
