@@ -7,8 +7,8 @@ profiler what the step is made of: the GPU's busy share of the step's wall time 
 is the GPU waiting on the host), the host's time in each phase (forward, backward, optimizer,
 bias update, metrics), the host syncs, and the kernels by GPU time.
 A step that is host-bound shows a low busy share whatever its kernels cost. The timed steps run
-as `train_worker` runs them, each queued before the previous one's metrics are read (the rows
-in RESULTS.md so far were timed by the version before, with a synchronize around each step).
+as `train_worker` runs them, each queued before the previous one's metrics are read (RESULTS.md's
+rows before "Steps queued ahead of their metrics" were timed with a synchronize around each step).
 
 Run: python benchmarks/train_step.py --preset small --impl moray deepspeed
      python benchmarks/train_step.py --cpu --preset tiny      (gloo: checks that it runs)
