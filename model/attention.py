@@ -174,7 +174,7 @@ class MLAHeads(torch.autograd.Function):
     def backward(ctx, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor):
         (rotation,) = ctx.saved_tensors
         nope, back = ctx.nope, rotation.conj()
-        dq = dq.view(dk.shape)
+        dq = dq.reshape(dk.shape)  # a view when autograd hands it over contiguous, as it does here
         dq_in = torch.empty(dq.shape, dtype=dq.dtype, device=dq.device)
         dq_in[..., :nope] = dq[..., :nope]
         dq_in[..., nope:] = apply_rope(dq[..., nope:], back, ctx.interleaved)
